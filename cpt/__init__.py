@@ -1,0 +1,3 @@
+"""cpt: continual pre-training of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data: reading corpora, tokenizers, token shards and the loaders that feed training and evaluation."""

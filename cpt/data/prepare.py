@@ -1,0 +1,88 @@
+"""Data preparation: resolve the recipe's tokenizer and tokenize every corpus into cached token shards.
+
+Everything is cached by content fingerprint: a second run with the same sources and tokenizer reuses the
+shards; a changed source file, reading option, split setting or tokenizer re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
+from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
+from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
+from cpt.errors import CptError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    tokenizer: object
+    tokenizer_fingerprint: str
+    corpora: dict[str, TokenShard]
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_tokenizer(recipe, base_dir: Path, data_dir: Path, fingerprints: dict[str, str]):
+    """The recipe's tokenizer: a local HF directory, the model's own directory, or one trained here."""
+    config = recipe.tokenizer
+    if config.path:
+        return load_tokenizer(_resolve(config.path, base_dir))
+    if config.train is None:
+        return load_tokenizer(_resolve(recipe.model.init, base_dir))
+    train = config.train
+    names = train.corpora or list(recipe.corpora)
+    fingerprint = _hash("tokenizer", train, [fingerprints[n] for n in names])
+
+    def texts():
+        for name in names:
+            budget = train.max_chars_per_corpus
+            for doc in iter_documents(recipe.corpora[name], base_dir):
+                if budget <= 0:
+                    break
+                yield doc[:budget]
+                budget -= len(doc)
+
+    log.info("tokenizer: sentencepiece %s, vocab %d, trained on %s", train.model_type, train.vocab_size, ", ".join(names))
+    return train_sentencepiece(train, texts(), fingerprint, data_dir / "tokenizer")
+
+
+def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, tok_fp: str,
+                   base_dir: Path, data_dir: Path) -> TokenShard:
+    """Tokenize one corpus into ``data_dir``, or reuse the shard already there with the same fingerprint."""
+    fingerprint = _hash(FORMAT_VERSION, source_fp, tok_fp, config.val_fraction, config.val_max_docs, config.split_seed)
+    out_dir = data_dir / f"{name}-{fingerprint[:16]}"
+    manifest = out_dir / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+        log.info("corpus '%s': reusing %s", name, out_dir)
+        return TokenShard.open(out_dir, tok_fp)
+    files = [str(p) for p in source_files(config, base_dir)]
+    info = {"tokenizer_fingerprint": tok_fp, "source_fingerprint": source_fp, "source": config.source,
+            "num_files": len(files), "files": files[:1000]}
+    return write_shard(name, out_dir, iter_documents(config, base_dir), tokenizer, fingerprint, info,
+                       config.val_fraction, config.val_max_docs, config.split_seed)
+
+
+def prepare(recipe, base_dir: Path, data_dir: Path) -> PreparedData:
+    """Tokenizer and token shards for every corpus of ``recipe``, built or reused from ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    source_fps = {name: source_fingerprint(c, base_dir) for name, c in recipe.corpora.items()}
+    tokenizer = resolve_tokenizer(recipe, base_dir, data_dir, source_fps)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    corpora = {name: prepare_corpus(name, c, source_fps[name], tokenizer, tok_fp, base_dir, data_dir)
+               for name, c in recipe.corpora.items()}
+    return PreparedData(tokenizer, tok_fp, corpora)
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    """Relative paths in a recipe are relative to the recipe file's directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p

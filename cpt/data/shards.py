@@ -1,0 +1,173 @@
+"""Token shards: a corpus tokenized once into flat memory-mapped token files with a JSON manifest.
+
+Layout of one prepared corpus directory::
+
+    <name>-<fingerprint[:16]>/
+        manifest.json    # fingerprints, dtype, per-split document/token/byte counts, source files
+        train.bin        # uint16 or uint32 token ids, every document followed by EOS
+        val.bin          # held-out documents, chosen by a seeded hash of their text
+
+The directory is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written shard that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from cpt.errors import CptError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_held_out(text: str, seed: int, fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a seeded hash of its text, so the choice does not
+    depend on document order and the same text always lands in the same split."""
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+@dataclass
+class TokenSplit:
+    """One split of a prepared corpus: a memory-mapped token array plus its counts."""
+
+    tokens: np.ndarray
+    documents: int
+    bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(len(self.tokens), 1)
+
+
+@dataclass
+class TokenShard:
+    """A prepared corpus on disk."""
+
+    name: str
+    path: Path
+    manifest: dict
+    train: TokenSplit
+    val: TokenSplit
+
+    @classmethod
+    def open(cls, path: Path, tokenizer_fingerprint: str | None = None) -> "TokenShard":
+        """Open a prepared corpus, checking that it was tokenized with ``tokenizer_fingerprint``."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise CptError(f"token shard '{path}' has no readable manifest ({e}); delete it and run `cpt prepare`") from None
+        if tokenizer_fingerprint is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
+            raise CptError(f"token shard '{path}' was tokenized with a different tokenizer than this recipe's; "
+                           "delete it and run `cpt prepare` to re-tokenize")
+        splits = {}
+        for split in SPLITS:
+            info = manifest["splits"][split]
+            file = path / f"{split}.bin"
+            expected = info["tokens"] * np.dtype(manifest["dtype"]).itemsize
+            if not file.is_file() or file.stat().st_size != expected:
+                raise CptError(f"token shard '{file}' is missing or truncated; delete '{path}' and run `cpt prepare`")
+            tokens = np.memmap(file, dtype=manifest["dtype"], mode="r") if expected else np.zeros(0, manifest["dtype"])
+            splits[split] = TokenSplit(tokens, info["documents"], info["bytes"])
+        return cls(manifest["corpus"], path, manifest, splits["train"], splits["val"])
+
+
+def write_shard(
+    name: str, out_dir: Path, documents: Iterable[str], tokenizer, fingerprint: str, info: dict,
+    val_fraction: float, val_max_docs: int | None, split_seed: int,
+) -> TokenShard:
+    """Tokenize ``documents`` into ``out_dir`` (train/val split by document) and return the opened shard.
+
+    Args:
+        fingerprint: content fingerprint of sources + tokenizer + split; stored in the manifest.
+        info: extra manifest fields (tokenizer fingerprint, source files...).
+    """
+    dtype = token_dtype(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    start = time.time()
+    try:
+        with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val:
+            files = {"train": f_train, "val": f_val}
+            for batch in _batches(_progress(documents, name), 256):
+                splits = []
+                for text in batch:
+                    held = is_held_out(text, split_seed, val_fraction)
+                    if held and val_max_docs is not None and counts["val"]["documents"] >= val_max_docs:
+                        held = False
+                    split = "val" if held else "train"
+                    counts[split]["documents"] += 1
+                    splits.append(split)
+                ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                for split, text, doc_ids in zip(splits, batch, ids):
+                    array = np.asarray(doc_ids + [eos], dtype=dtype)
+                    array.tofile(files[split])
+                    counts[split]["tokens"] += len(array)
+                    counts[split]["bytes"] += len(text.encode("utf-8"))
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        for split in SPLITS:
+            if counts[split]["documents"] == 0:
+                fix = "raise" if split == "val" else "lower"
+                raise CptError(f"corpus '{name}': the {split} split is empty ({sum(c['documents'] for c in counts.values())} "
+                               f"documents in all); {fix} corpora.{name}.val_fraction or add documents")
+        manifest = {
+            "format_version": FORMAT_VERSION, "corpus": name, "fingerprint": fingerprint, "dtype": dtype.name,
+            "vocab_size": len(tokenizer), "eos_id": eos, "splits": counts,
+            "split": {"val_fraction": val_fraction, "val_max_docs": val_max_docs, "seed": split_seed},
+            "seconds": round(time.time() - start, 2), **info,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("prepared corpus '%s': %s train tokens in %d documents, %s val tokens in %d documents (%.1fs)", name,
+             f"{counts['train']['tokens']:,}", counts["train"]["documents"], f"{counts['val']['tokens']:,}",
+             counts["val"]["documents"], time.time() - start)
+    return TokenShard.open(out_dir)
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress(documents: Iterable[str], name: str) -> Iterable[str]:
+    if not sys.stderr.isatty():
+        return documents
+    from tqdm import tqdm
+
+    return tqdm(documents, desc=f"tokenizing {name}", unit=" docs", leave=False)

@@ -1,0 +1,99 @@
+"""Tokenizers: load a local Hugging Face tokenizer, or train a sentencepiece model on the recipe's corpora.
+
+A trained tokenizer is saved in Hugging Face format (so checkpoints load with ``AutoTokenizer``) and cached
+by a fingerprint of its settings and of the corpora it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+from cpt.config import check, field
+from cpt.errors import CptError
+
+
+@dataclass
+class TrainTokenizerConfig:
+    kind: Literal["sentencepiece"] = field("sentencepiece", doc="tokenizer trainer")
+    vocab_size: int = field(8192, doc="vocabulary size, special and byte-fallback tokens included")
+    model_type: Literal["bpe", "unigram"] = field("bpe", doc="sentencepiece model type")
+    corpora: Optional[list[str]] = field(None, doc="corpora to train on (default: all the recipe's corpora)")
+    max_chars_per_corpus: int = field(20_000_000, doc="characters read from each corpus for training")
+
+    def __post_init__(self):
+        check(300 <= self.vocab_size <= 1_000_000, "vocab_size", f"must be in [300, 1000000], got {self.vocab_size}")
+        check(self.max_chars_per_corpus > 0, "max_chars_per_corpus", "must be positive")
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = field(None, doc="a local Hugging Face tokenizer directory")
+    train: Optional[TrainTokenizerConfig] = field(None, doc="train a tokenizer on the recipe's corpora instead")
+
+    def __post_init__(self):
+        check(not (self.path and self.train), "path", "give either tokenizer.path or tokenizer.train, not both")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides token ids: the fast tokenizer's full JSON, or the vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_tokenizer(path: str | Path):
+    """Load a local Hugging Face tokenizer directory (never from the Hub)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CptError(f"tokenizer directory '{path}' does not exist; set tokenizer.path to a local HF tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CptError(f"could not load a tokenizer from '{path}': {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise CptError(f"tokenizer at '{path}' has no EOS token; cpt separates documents with it")
+    return tokenizer
+
+
+def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fingerprint: str, out_dir: Path):
+    """Train a sentencepiece model and save it as a Hugging Face Llama tokenizer in ``out_dir``.
+
+    Reuses ``out_dir`` when it already holds a tokenizer trained with the same ``fingerprint``. The
+    settings keep text exactly recoverable (identity normalisation, byte fallback, whitespace kept), which
+    code needs.
+    """
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    stamp = out_dir / "cpt_fingerprint.txt"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return load_tokenizer(out_dir)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
+            model_type=config.model_type, byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=1 << 24,
+            input_sentence_size=1_000_000, shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=2, minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise CptError(f"sentencepiece training failed: {e}; lower tokenizer.train.vocab_size or add text") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
+    (tmp / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "cpt_fingerprint.txt").write_text(fingerprint + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return load_tokenizer(out_dir)

@@ -1,0 +1,100 @@
+"""The model: a small Llama built from scratch, or any local Hugging Face causal LM; and the token loss."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from cpt.config import check, field
+from cpt.errors import CptError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArchConfig:
+    family: Literal["llama"] = field("llama", doc="architecture of a scratch model")
+    layers: int = field(4, doc="transformer layers")
+    hidden: int = field(256, doc="hidden size")
+    heads: int = field(4, doc="attention heads")
+    kv_heads: Optional[int] = field(None, doc="key/value heads (grouped-query attention; default: heads)")
+    intermediate: Optional[int] = field(None, doc="MLP size (default: 8/3 * hidden, rounded up to 64)")
+    tie_embeddings: bool = field(True, doc="share input and output embeddings")
+    rope_theta: float = field(10000.0, doc="rotary embedding base")
+
+    def __post_init__(self):
+        for key in ("layers", "hidden", "heads"):
+            check(getattr(self, key) > 0, key, "must be a positive integer")
+        check(self.hidden % self.heads == 0, "heads", f"must divide hidden={self.hidden}")
+        kv = self.kv_heads or self.heads
+        check(kv > 0 and self.heads % kv == 0, "kv_heads", f"must divide heads={self.heads}")
+        check(self.intermediate is None or self.intermediate > 0, "intermediate", "must be a positive integer")
+
+
+@dataclass
+class ModelConfig:
+    init: str = field("scratch", doc="'scratch' to build from `arch`, or a local Hugging Face model directory")
+    arch: Optional[ArchConfig] = field(None, doc="architecture, required when init is 'scratch'")
+    resize_embeddings: bool = field(False, doc="resize the model's embeddings to the tokenizer's vocabulary")
+
+    def __post_init__(self):
+        check(self.init != "scratch" or self.arch is not None, "arch", "required when model.init is 'scratch'")
+        check(self.init == "scratch" or self.arch is None, "arch",
+              "only for model.init: scratch; a pretrained model brings its own architecture")
+
+
+def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) -> torch.nn.Module:
+    """Build or load the model (fp32 weights; mixed precision is applied by the trainer).
+
+    Raises:
+        CptError: a missing model directory, or a tokenizer whose vocabulary does not fit the embeddings.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tokenizer)
+    if config.init == "scratch":
+        arch = config.arch
+        intermediate = arch.intermediate or -(-int(arch.hidden * 8 / 3) // 64) * 64
+        hf_config = LlamaConfig(
+            vocab_size=vocab, hidden_size=arch.hidden, intermediate_size=intermediate,
+            num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+            num_key_value_heads=arch.kv_heads or arch.heads, max_position_embeddings=seq_len,
+            tie_word_embeddings=arch.tie_embeddings, rope_theta=arch.rope_theta,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        return LlamaForCausalLM(hf_config)
+    path = Path(config.init).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not (path / "config.json").is_file():
+        raise CptError(f"model.init '{config.init}' is not a local Hugging Face model directory (no config.json "
+                       f"in {path}); use 'scratch' or a directory written by save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise CptError(f"could not load model from '{path}': {str(e).splitlines()[0]}") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if config.resize_embeddings and rows != vocab:
+        log.info("resizing embeddings %d -> %d to match the tokenizer", rows, vocab)
+        model.resize_token_embeddings(vocab)
+    elif vocab > rows or rows - vocab >= 128:
+        raise CptError(f"tokenizer has {vocab} tokens but the model's embeddings have {rows} rows; use the model's "
+                       "own tokenizer, or set model.resize_embeddings: true to resize them")
+    return model
+
+
+def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over every target token (fp32 logits for a stable softmax)."""
+    logits_BTV = model(input_ids=input_ids_BT).logits
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), reduction="sum")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

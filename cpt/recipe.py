@@ -1,0 +1,148 @@
+"""The recipe: a run definition in YAML, loaded into typed configs and validated as a whole.
+
+A recipe names corpora, eval sets, a model, a tokenizer and an ordered list of stages. Each stage has its
+own step budget, data mixture and LR schedule, and starts from the final weights of the previous stage
+(the recipe's model for the first stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from cpt.checkpoint import CheckpointConfig
+from cpt.config import apply_overrides, build, check, field, suggest, to_dict
+from cpt.data.sources import CorpusConfig
+from cpt.data.tokenizer import TokenizerConfig
+from cpt.errors import CptError, RecipeError
+from cpt.evaluate import EvalConfig
+from cpt.metrics import WandbConfig
+from cpt.model import ModelConfig
+from cpt.schedules import ScheduleConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    name: str = field(doc="stage name (checkpoints go under checkpoints/<name>/)")
+    steps: int = field(doc="optimizer steps in this stage")
+    mixture: dict[str, float] = field(doc="corpus name -> sampling weight (normalised to sum to 1)")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, doc="learning-rate schedule of this stage")
+
+    def __post_init__(self):
+        check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
+              f"'{self.name}' must be letters, digits, '-' or '_'")
+        check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")
+        check(len(self.mixture) > 0, "mixture", "must name at least one corpus")
+        for source, weight in self.mixture.items():
+            check(weight >= 0, f"mixture.{source}", f"weight must be >= 0, got {weight}")
+        check(sum(self.mixture.values()) > 0, "mixture", "weights are all zero; give at least one positive weight")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = field(256, doc="tokens per training sequence (packed, no padding)")
+    micro_batch: int = field(8, doc="sequences per forward pass on each process")
+    grad_accum: int = field(1, doc="micro-batches accumulated per optimizer step")
+    max_steps: Optional[int] = field(None, doc="cap on every stage's steps, for quick runs")
+    weight_decay: float = field(0.1, doc="AdamW weight decay (not applied to norms and biases)")
+    beta1: float = field(0.9, doc="AdamW beta1")
+    beta2: float = field(0.95, doc="AdamW beta2")
+    eps: float = field(1e-8, doc="AdamW epsilon")
+    grad_clip: float = field(1.0, doc="clip the global gradient norm to this (0 = no clipping)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        "auto", doc="autocast precision; auto = bf16 on GPUs that support it, else fp32")
+    log_every: int = field(10, doc="print a log line every N steps when not on a terminal")
+
+    def __post_init__(self):
+        for key in ("seq_len", "micro_batch", "grad_accum", "log_every"):
+            check(getattr(self, key) > 0, key, "must be a positive integer")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be a positive integer")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+    def stage_steps(self, stage: StageConfig) -> int:
+        return min(stage.steps, self.max_steps) if self.max_steps else stage.steps
+
+
+@dataclass
+class RunConfig:
+    dir: str = field("runs/{name}", doc="run directory ({name} is the recipe name); relative to the current directory")
+    seed: int = field(0, doc="seed of model init and data order")
+    data_dir: Optional[str] = field(None, doc="where token shards and a trained tokenizer are cached (default RUN_DIR/data)")
+
+
+@dataclass
+class Recipe:
+    name: str = field(doc="recipe name")
+    model: ModelConfig = field(doc="the model to start from")
+    corpora: dict[str, CorpusConfig] = field(doc="named corpora")
+    stages: list[StageConfig] = field(doc="ordered training stages")
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig, doc="tokenizer (default: the model's own)")
+    eval: EvalConfig = field(default_factory=EvalConfig, doc="evaluation schedule and named eval sets")
+    train: TrainConfig = field(default_factory=TrainConfig, doc="batching, optimizer and precision")
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, doc="checkpoint cadence")
+    run: RunConfig = field(default_factory=RunConfig, doc="run directory and seed")
+    wandb: WandbConfig = field(default_factory=WandbConfig, doc="Weights & Biases logging")
+
+    def __post_init__(self):
+        check(len(self.corpora) > 0, "corpora", "define at least one corpus")
+        check(len(self.stages) > 0, "stages", "define at least one stage")
+        names = [s.name for s in self.stages]
+        for i, name in enumerate(names):
+            check(name not in names[:i], f"stages[{i}].name", f"duplicate stage name '{name}'")
+        for i, stage in enumerate(self.stages):
+            for source in stage.mixture:
+                check(source in self.corpora, f"stages[{i}].mixture.{source}",
+                      f"unknown corpus{suggest(source, self.corpora)}; corpora: {', '.join(self.corpora)}")
+            total = sum(stage.mixture.values())
+            if abs(total - 1.0) > 1e-6:
+                log.warning("stages[%d].mixture: weights sum to %g, normalising to 1", i, total)
+        for set_name, corpus in self.eval.sets.items():
+            check(corpus in self.corpora, f"eval.sets.{set_name}",
+                  f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}; corpora: {', '.join(self.corpora)}")
+        if self.tokenizer.train and self.tokenizer.train.corpora:
+            for corpus in self.tokenizer.train.corpora:
+                check(corpus in self.corpora, "tokenizer.train.corpora",
+                      f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
+        check(self.tokenizer.path or self.tokenizer.train or self.model.init != "scratch", "tokenizer",
+              "a scratch model needs tokenizer.path or tokenizer.train")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir.replace("{name}", self.name))
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Path]:
+    """Load, override and validate a recipe; returns it with the directory its relative paths resolve against.
+
+    Raises:
+        CptError: missing or unparsable file; RecipeError naming the key path for invalid content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CptError(f"recipe '{path}' does not exist; give the path to a recipe YAML such as recipes/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe '{path}' must be a YAML mapping with keys name, model, corpora, stages, ...")
+    raw = apply_overrides(raw, list(overrides))
+    return build(Recipe, raw), path.resolve().parent

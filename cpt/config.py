@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -86,6 +87,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise errors[0]
         raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in get_args(tp):
+            # YAML 1.1 reads yes/no/on/off as booleans: `mixed_precision: no` arrives as False. Take the word
+            # back when the Literal allows one of its spellings.
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in get_args(tp) if isinstance(a, str) and a.lower() in words), value)
         if value not in get_args(tp):
             hint = suggest(str(value), [str(a) for a in get_args(tp)])
             raise RecipeError(f"{path}: {value!r} is not allowed{hint}; expected {_type_name(tp)}")
@@ -171,7 +177,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise RecipeError(f"override '{item}': expected key=value, e.g. train.max_steps=20")
         dotted, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override '{item}': the value is not valid YAML: {getattr(e, 'problem', e)}") from None
         keys = dotted.strip().split(".")
         if not all(keys):
             raise RecipeError(f"override '{item}': empty key segment in '{dotted}'")
@@ -189,20 +198,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if last:
                     node[key] = value
                 else:
-                    node = node.setdefault(key, {})
+                    # An empty section (`checkpoint:` reads as null) is filled like a missing one.
+                    if node.get(key) is None:
+                        node[key] = {}
+                    node = node[key]
             else:
                 raise RecipeError(f"override '{item}': '{'.'.join(keys[:i])}' is a value, not a mapping or list")
     return raw
 
 
 def _list_index(items: list, key: str, where: str) -> int:
-    if key.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", key):
         index = int(key)
         if not -len(items) <= index < len(items):
             raise RecipeError(f"override {where}: index {index} out of range (list has {len(items)} entries)")
         return index
-    names = [x.get("name") for x in items if isinstance(x, dict)]
+    # One name per element (None for elements without one) so a name's position is the element's index.
+    names = [x.get("name") if isinstance(x, dict) else None for x in items]
     if key in names:
         return names.index(key)
-    raise RecipeError(f"override {where}: no entry named '{key}'{suggest(key, map(str, names))}; "
-                      f"use an index 0..{len(items) - 1} or one of {names}")
+    named = [str(n) for n in names if n is not None]
+    raise RecipeError(f"override {where}: no entry named '{key}'{suggest(key, named)}; "
+                      f"use an index 0..{len(items) - 1} or one of {named}")

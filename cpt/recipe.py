@@ -66,7 +66,8 @@ class TrainConfig:
             check(getattr(self, key) > 0, key, "must be a positive integer")
         check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be a positive integer")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        for key in ("beta1", "beta2"):
+            check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
     def stage_steps(self, stage: StageConfig) -> int:
@@ -138,6 +139,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Pa
         raise CptError(f"recipe '{path}' does not exist; give the path to a recipe YAML such as recipes/demo.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe '{path}' is not a text file; give a recipe YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -44,7 +44,7 @@ def cosine_with_warmup(t: int, total: int, warmup: int, peak_lr: float, min_lr: 
     ``lr(t) = peak * t / T_w`` for ``t <= T_w``, else
     ``min + 0.5 * (peak - min) * (1 + cos(pi * (t - T_w) / (T - T_w)))``.
     """
-    if t <= warmup:
+    if 0 < warmup and t <= warmup:
         return peak_lr * t / warmup
     progress = min((t - warmup) / max(total - warmup, 1), 1.0)
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))

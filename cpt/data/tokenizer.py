@@ -68,11 +68,10 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
     """Train a sentencepiece model and save it as a Hugging Face Llama tokenizer in ``out_dir``.
 
     Reuses ``out_dir`` when it already holds a tokenizer trained with the same ``fingerprint``. The
-    settings keep text exactly recoverable (identity normalisation, byte fallback, whitespace kept), which
-    code needs.
+    settings keep text exactly recoverable (identity normalisation, byte fallback, whitespace kept, no dummy
+    prefix), which code needs, and the saved tokenizer gives the sentencepiece model's own ids.
     """
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     stamp = out_dir / "cpt_fingerprint.txt"
     if stamp.is_file() and stamp.read_text().strip() == fingerprint:
@@ -82,18 +81,40 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
             model_type=config.model_type, byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=1 << 24,
+            add_dummy_prefix=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=1 << 24,
             input_sentence_size=1_000_000, shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             num_threads=2, minloglevel=2,
         )
     except RuntimeError as e:
         raise CptError(f"sentencepiece training failed: {e}; lower tokenizer.train.vocab_size or add text") from None
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
-    (tmp / "tokenizer.model").write_bytes(model.getvalue())
-    tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False)
-    tokenizer.save_pretrained(tmp)
+    _hf_tokenizer(model.getvalue(), config.model_type, tmp).save_pretrained(tmp)
     (tmp / "cpt_fingerprint.txt").write_text(fingerprint + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return load_tokenizer(out_dir)
+
+
+def _hf_tokenizer(model_proto: bytes, model_type: str, tmp: Path):
+    """The Hugging Face tokenizer that reproduces a trained sentencepiece model, without a prefix space."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    if model_type == "bpe":
+        (tmp / "tokenizer.model").write_bytes(model_proto)
+        # add_prefix_space=False matches add_dummy_prefix=False: Llama's default would prepend "▁" to text that
+        # does not start with a space and strip one leading space on decode, losing a document's first space.
+        return LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False, add_prefix_space=False)
+    # LlamaTokenizer is BPE only; a unigram model is rebuilt from its pieces and scores. Control and byte
+    # pieces get a prohibitive score: sentencepiece never matches them against text ("</s>" in a document is
+    # text, not EOS), while the tokenizers Unigram model would match them by their score.
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    vocab = [(sp.id_to_piece(i), -1e9 if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i) else sp.get_score(i))
+             for i in range(sp.get_piece_size())]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=sp.id_to_piece(sp.unk_id()),
+                                   bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()))

@@ -243,13 +243,6 @@ def test_unreadable_file(tmp_path):
     assert "cannot read" in message and "broken.txt" in message
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
-def test_file_without_read_permission(tmp_path):
-    path = write(tmp_path / "secret.txt", "s")
-    path.chmod(0)
-    assert "secret.txt" in error_of(tmp_path, "secret.txt")
-
-
 def test_invalid_jsonl_names_file_and_line(tmp_path):
     write(tmp_path / "bad.jsonl", '{"text": "ok"}\n\n{"text": oops}\n')
     message = error_of(tmp_path, "bad.jsonl")

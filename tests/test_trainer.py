@@ -1,0 +1,172 @@
+"""End to end: a 2-stage run of a 2-layer model on a few KB of real text, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cpt.data.loader import eval_sequences
+from cpt.data.shards import TokenShard
+from cpt.errors import NonFiniteLossError
+from cpt.recipe import load_recipe
+from cpt.schedules import lr_at
+from cpt.trainer import build_optimizer, train_step
+
+from conftest import tiny_recipe, write_recipe
+
+
+def cpt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_corpora, tmp_path_factory):
+    """The tiny recipe run once through `cpt run` with an override; tests read its outputs."""
+    root = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(root / "tiny.yaml", tiny_recipe(tiny_corpora, root / "run", pretrain=40, cpt=16))
+    result = cpt("run", str(recipe), "stages.pretrain.schedule.peak_lr=2e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    return recipe, root / "run", rows
+
+
+def of(rows, kind, **match):
+    return [r for r in rows if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
+
+
+def test_metrics_file(finished_run):
+    recipe_path, run_dir, rows = finished_run
+    recipe, _ = load_recipe(recipe_path, ["stages.pretrain.schedule.peak_lr=2e-2"])
+    train = of(rows, "train")
+    assert [r["step"] for r in train] == list(range(1, 57))
+    assert [r["stage_step"] for r in train] == list(range(1, 41)) + list(range(1, 17))
+    tokens_per_step = 4 * 2 * 32  # micro_batch * grad_accum * seq_len
+    assert [r["tokens"] for r in train] == [tokens_per_step * s for s in range(1, 57)]
+    for r in train:
+        stage = recipe.stages[0] if r["stage"] == "pretrain" else recipe.stages[1]
+        assert r["lr"] == pytest.approx(lr_at(stage.schedule, r["stage_step"], stage.steps))
+        assert np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
+    assert train[0]["lr"] == pytest.approx(2e-2 / 2)  # the override reached the schedule
+    stage_rows = of(rows, "stage")
+    assert [(r["stage"], r["event"], r["step"]) for r in stage_rows] == [
+        ("pretrain", "start", 0), ("pretrain", "end", 40), ("cpt", "start", 40), ("cpt", "end", 56)]
+    for name in ("upstream", "downstream"):
+        evals = of(rows, "eval", set=name)
+        assert [(r["stage"], r["stage_step"]) for r in evals] == (
+            [("pretrain", s) for s in (0, 5, 10, 15, 20, 25, 30, 35, 40)] + [("cpt", s) for s in (0, 5, 10, 15, 16)])
+        for r in evals:
+            assert r["ppl"] == pytest.approx(np.exp(r["loss"]))
+            assert r["tokens"] == 1024 // 32 * 32 and r["bpb"] > 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["stages"][0]["schedule"]["peak_lr"] == 2e-2 and saved == recipe.to_dict()
+
+
+def test_loss_falls_and_stages_shift_the_curves(finished_run):
+    _, _, rows = finished_run
+    losses = [r["loss"] for r in of(rows, "train", stage="pretrain")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    up = of(rows, "eval", set="upstream")
+    down = of(rows, "eval", set="downstream")
+    assert up[8]["loss"] < up[0]["loss"] - 0.5  # pretraining on English lowers English loss
+    cpt_down = [r["loss"] for r in down if r["stage"] == "cpt"]
+    assert cpt_down[-1] < cpt_down[0] - 0.2  # the code stage lowers code loss
+
+
+def test_checkpoint_loads_with_plain_transformers(finished_run, tiny_corpora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, rows = finished_run
+    ckpt = run_dir / "checkpoints" / "cpt" / "step-56"
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    assert tokenizer.decode(tokenizer("def f(x):\n\treturn x")["input_ids"]) == "def f(x):\n\treturn x"
+    # The saved weights reproduce the in-run final eval loss on the same held-out windows.
+    shard = TokenShard.open(next((run_dir / "data").glob("code-*")))
+    windows = torch.from_numpy(eval_sequences(shard.val.tokens, 32, 1024, "code"))
+    with torch.no_grad():
+        logits = model(input_ids=windows[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert loss == pytest.approx(of(rows, "eval", set="downstream")[-1]["loss"], abs=1e-4)
+
+
+def test_checkpoint_parts(finished_run):
+    _, run_dir, _ = finished_run
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["cpt", "pretrain"]
+    ckpt = run_dir / "checkpoints" / "pretrain" / "step-40"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["stage"], meta["global_step"], meta["stage_step"], meta["stage_complete"]) == ("pretrain", 40, 40, True)
+    for name, info in meta["files"].items():
+        assert (ckpt / name).stat().st_size == info["bytes"]
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert state["counters"]["global_step"] == 40 and state["optimizer"]["state"]
+    assert state["sampler"]["cursors"]["english"] == 40 * 8
+    assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert (run_dir / "report" / "curves.png").stat().st_size > 10_000
+
+
+def test_rerun_refuses_to_overwrite(finished_run):
+    recipe_path, run_dir, _ = finished_run
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    result = cpt("run", str(recipe_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "already holds a run" in result.stderr
+    assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_missing_recipe_is_one_line(tmp_path):
+    result = cpt("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("cpt: error: recipe") and result.stderr.strip().count("\n") == 0
+
+
+def test_nonfinite_loss_raises_before_the_update():
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.recipe import TrainConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    accelerator = Accelerator(cpu=True)
+    optimizer = build_optimizer(model, TrainConfig(), 1e-3)
+    batch = torch.randint(0, 64, (2, 9))
+    loss, grad_norm = train_step(model, optimizer, [batch], accelerator, 1.0)
+    assert np.isfinite(loss) and grad_norm > 0
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        train_step(model, optimizer, [batch], accelerator, 1.0)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, before[key], rtol=0, atol=0, equal_nan=True), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    """Two micro-batches of 2 give the same loss and gradients as one batch of 4 (token-normalised loss)."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.recipe import TrainConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    batch = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
+    results = []
+    for micro in ([batch], [batch[:2], batch[2:]]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        optimizer = build_optimizer(model, TrainConfig(), 1e-2)
+        loss, norm = train_step(model, optimizer, micro, Accelerator(cpu=True), 0.0)
+        results.append((loss, norm, model.lm_head.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+    assert torch.allclose(results[0][2], results[1][2], atol=1e-6)

@@ -31,8 +31,9 @@ class ArchConfig:
         for key in ("layers", "hidden", "heads"):
             check(getattr(self, key) > 0, key, "must be a positive integer")
         check(self.hidden % self.heads == 0, "heads", f"must divide hidden={self.hidden}")
-        kv = self.kv_heads or self.heads
-        check(kv > 0 and self.heads % kv == 0, "kv_heads", f"must divide heads={self.heads}")
+        if self.kv_heads is not None:
+            check(self.kv_heads > 0 and self.heads % self.kv_heads == 0, "kv_heads",
+                  f"must be a positive divisor of heads={self.heads}, got {self.kv_heads}")
         check(self.intermediate is None or self.intermediate > 0, "intermediate", "must be a positive integer")
 
 

@@ -109,9 +109,9 @@ def test_float_accepts_int_float_and_numeric_string(value, expected):
     assert type(cfg.inner.lr) is float
 
 
-@pytest.mark.parametrize("value", [True, False, "fast", [1.0]])
-def test_float_rejects_bool_and_non_numeric(value):
-    assert error({"title": "t", "inner": {"lr": value}}) == f"inner.lr: expected a number, got {value!r}"
+@pytest.mark.parametrize("value", [True, False, "fast", [1.0], "inf", "nan", float("inf")])
+def test_float_rejects_bool_non_numeric_and_non_finite(value):
+    assert error({"title": "t", "inner": {"lr": value}}) == f"inner.lr: expected a finite number, got {value!r}"
 
 
 @pytest.mark.parametrize("value", [1, 0, "true", "yes"])
@@ -144,7 +144,7 @@ def test_list_and_dict_type_errors_name_the_element():
     assert error({"title": "t", "tags": "a"}) == "tags: expected a list of a string, got 'a'"
     assert error({"title": "t", "tags": ["a", 2]}) == "tags[1]: expected a string, got 2"
     assert error({"title": "t", "weights": [1.0]}).startswith("weights: expected a mapping of names to a number")
-    assert error({"title": "t", "weights": {"a": "heavy"}}) == "weights.a: expected a number, got 'heavy'"
+    assert error({"title": "t", "weights": {"a": "heavy"}}) == "weights.a: expected a finite number, got 'heavy'"
 
 
 # --- build: keys --------------------------------------------------------------------------------------------

@@ -170,3 +170,19 @@ def test_grad_accumulation_matches_one_big_batch():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
+
+
+def test_continue_from_a_checkpoint_directory(finished_run, tiny_corpora, tmp_path):
+    """A recipe whose model is a finished checkpoint (tokenizer from the same directory) starts exactly where
+    the parent ended: its first eval equals the parent's last."""
+    _, run_dir, parent_rows = finished_run
+    recipe = tiny_recipe(tiny_corpora, tmp_path / "child")
+    recipe["model"] = {"init": str(run_dir / "checkpoints" / "cpt" / "step-56")}
+    del recipe["tokenizer"]
+    recipe["stages"] = [recipe["stages"][1] | {"steps": 3}]
+    result = cpt("run", str(write_recipe(tmp_path / "child.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "child" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("upstream", "downstream"):
+        first = of(rows, "eval", set=name)[0]
+        assert first["loss"] == pytest.approx(of(parent_rows, "eval", set=name)[-1]["loss"], abs=1e-5)

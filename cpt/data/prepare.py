@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
 from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
-from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
+from cpt.data.tokenizer import TRAINER_VERSION, load_tokenizer, tokenizer_fingerprint, train_sentencepiece
 from cpt.errors import CptError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def resolve_tokenizer(recipe, base_dir: Path, data_dir: Path, fingerprints: dict
         return load_tokenizer(_resolve(recipe.model.init, base_dir))
     train = config.train
     names = train.corpora or list(recipe.corpora)
-    fingerprint = _hash("tokenizer", train, [fingerprints[n] for n in names])
+    fingerprint = _hash("tokenizer", TRAINER_VERSION, train, [fingerprints[n] for n in names])
 
     def texts():
         for name in names:

@@ -121,7 +121,9 @@ def write_shard(
                     split = "val" if held else "train"
                     counts[split]["documents"] += 1
                     splits.append(split)
-                ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                # split_special_tokens: a document that contains "</s>" or "<|endoftext|>" as text must not
+                # get a real EOS (or any control token) in the middle of it.
+                ids = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                 for split, text, doc_ids in zip(splits, batch, ids):
                     array = np.asarray(doc_ids + [eos], dtype=dtype)
                     array.tofile(files[split])

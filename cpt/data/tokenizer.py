@@ -19,6 +19,11 @@ from cpt.config import check, field
 from cpt.errors import CptError
 
 
+# Part of a trained tokenizer's fingerprint: bump it when the trainer's settings change, so that tokenizers
+# cached by an older cpt are retrained instead of reused (2: no dummy prefix, exact round trip).
+TRAINER_VERSION = 2
+
+
 @dataclass
 class TrainTokenizerConfig:
     kind: Literal["sentencepiece"] = field("sentencepiece", doc="tokenizer trainer")
@@ -65,7 +70,7 @@ def load_tokenizer(path: str | Path):
 
 
 def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fingerprint: str, out_dir: Path):
-    """Train a sentencepiece model and save it as a Hugging Face Llama tokenizer in ``out_dir``.
+    """Train a sentencepiece model and save it as a Hugging Face tokenizer (Llama for BPE) in ``out_dir``.
 
     Reuses ``out_dir`` when it already holds a tokenizer trained with the same ``fingerprint``. The
     settings keep text exactly recoverable (identity normalisation, byte fallback, whitespace kept, no dummy
@@ -81,13 +86,14 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
             model_type=config.model_type, byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
-            add_dummy_prefix=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=1 << 24,
-            input_sentence_size=1_000_000, shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=2, minloglevel=2,
+            add_dummy_prefix=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+            max_sentence_length=1 << 24, input_sentence_size=1_000_000, shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2,
         )
     except RuntimeError as e:
         raise CptError(f"sentencepiece training failed: {e}; lower tokenizer.train.vocab_size or add text") from None
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
+    (tmp / "tokenizer.model").write_bytes(model.getvalue())
     _hf_tokenizer(model.getvalue(), config.model_type, tmp).save_pretrained(tmp)
     (tmp / "cpt_fingerprint.txt").write_text(fingerprint + "\n")
     if out_dir.exists():
@@ -97,13 +103,12 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
 
 
 def _hf_tokenizer(model_proto: bytes, model_type: str, tmp: Path):
-    """The Hugging Face tokenizer that reproduces a trained sentencepiece model, without a prefix space."""
+    """The Hugging Face tokenizer that reproduces a sentencepiece model (also saved as ``tmp/tokenizer.model``)."""
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     if model_type == "bpe":
-        (tmp / "tokenizer.model").write_bytes(model_proto)
         # add_prefix_space=False matches add_dummy_prefix=False: Llama's default would prepend "▁" to text that
         # does not start with a space and strip one leading space on decode, losing a document's first space.
         return LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False, add_prefix_space=False)

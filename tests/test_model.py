@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cpt.config import build
+from cpt.errors import CptError, RecipeError
+from cpt.model import ModelConfig, build_model, count_parameters, token_loss_sum
+
+
+class Vocab:
+    """The part of a tokenizer build_model reads."""
+
+    def __init__(self, size):
+        self.size, self.bos_token_id, self.eos_token_id = size, 1, 2
+
+    def __len__(self):
+        return self.size
+
+
+def scratch(**arch):
+    return build(ModelConfig, {"init": "scratch", "arch": {"layers": 2, "hidden": 32, "heads": 4, **arch}})
+
+
+def test_scratch_llama_shapes():
+    model = build_model(scratch(kv_heads=2), Vocab(100), 64, None)
+    config = model.config
+    assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (100, 2, 32)
+    assert config.num_key_value_heads == 2 and config.max_position_embeddings == 64
+    assert config.intermediate_size == 128  # 8/3 * 32 = 85 -> rounded up to a multiple of 64
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied by default
+    trainable, total = count_parameters(model)
+    assert trainable == total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch, key", [({"heads": 5}, "heads"), ({"kv_heads": 3}, "kv_heads"), ({"layers": 0}, "layers")])
+def test_invalid_arch(arch, key):
+    with pytest.raises(RecipeError, match=f"model.arch.{key}"):
+        build(ModelConfig, {"arch": {"layers": 2, "hidden": 32, "heads": 4, **arch}}, "model")
+
+
+def saved_model(tmp_path, vocab):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "m")
+    return model
+
+
+def test_init_from_local_directory(tmp_path):
+    original = saved_model(tmp_path, 100)
+    model = build_model(build(ModelConfig, {"init": "m"}), Vocab(100), 64, tmp_path)
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key])
+
+
+def test_vocabulary_mismatch_is_an_error_unless_resizing(tmp_path):
+    saved_model(tmp_path, 100)
+    with pytest.raises(CptError, match="tokenizer has 300 tokens but the model's embeddings have 100 rows"):
+        build_model(build(ModelConfig, {"init": "m"}), Vocab(300), 64, tmp_path)
+    resized = build_model(build(ModelConfig, {"init": "m", "resize_embeddings": True}), Vocab(300), 64, tmp_path)
+    assert resized.get_input_embeddings().weight.shape[0] == 300
+    # A model padded past the tokenizer's size (a common layout) is accepted as is.
+    assert build_model(build(ModelConfig, {"init": "m"}), Vocab(90), 64, tmp_path).config.vocab_size == 100
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(CptError, match="not a local Hugging Face model directory"):
+        build_model(build(ModelConfig, {"init": "nowhere"}), Vocab(10), 64, tmp_path)
+
+
+def test_token_loss_sum_is_summed_cross_entropy():
+    torch.manual_seed(0)
+    model = build_model(scratch(), Vocab(50), 16, None)
+    ids = torch.randint(0, 50, (3, 9))
+    logits = model(input_ids=ids[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    assert token_loss_sum(model, ids[:, :-1], ids[:, 1:]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_kv_heads_zero_is_rejected():
+    with pytest.raises(RecipeError, match="model.arch.kv_heads: must be a positive divisor of heads=4, got 0"):
+        build(ModelConfig, {"arch": {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 0}}, "model")

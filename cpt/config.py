@@ -117,14 +117,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         # YAML 1.1 reads "1e-3" (no dot) as a string; accept any string Python reads as a number.
+        number = value
         if isinstance(value, str):
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise RecipeError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{path}: expected a string, got {value!r}")

@@ -1,0 +1,128 @@
+"""Tests for cpt.data.prepare: shards and the trained tokenizer are cached by content fingerprint."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from conftest import tiny_recipe, write_recipe
+
+from cpt.data import prepare as prepare_module
+from cpt.data.prepare import prepare
+from cpt.recipe import load_recipe
+
+
+def snapshot(data_dir: Path) -> dict[str, int]:
+    """Every file under ``data_dir`` with its modification time in ns (rewritten files get a new one)."""
+    return {str(p.relative_to(data_dir)): p.stat().st_mtime_ns for p in sorted(data_dir.rglob("*")) if p.is_file()}
+
+
+class Setup:
+    """A private copy of the tiny corpora and a recipe over it, prepared into ``tmp_path/data``."""
+
+    def __init__(self, corpora: Path, tmp_path: Path, tokenizer_corpora: list[str] | None = None):
+        self.corpora = tmp_path / "corpora"
+        shutil.copytree(corpora, self.corpora)
+        self.raw = tiny_recipe(self.corpora, tmp_path / "run")
+        if tokenizer_corpora:
+            self.raw["tokenizer"]["train"]["corpora"] = tokenizer_corpora
+        self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "data"
+
+    def prepare(self):
+        recipe, base_dir = load_recipe(write_recipe(self.tmp_path / "tiny.yaml", self.raw))
+        return prepare(recipe, base_dir, self.data_dir)
+
+
+def total_bytes(shard) -> int:
+    return sum(counts["bytes"] for counts in shard.manifest["splits"].values())
+
+
+def no_call(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} was called although everything was cached")
+    return fail
+
+
+def test_second_prepare_reuses_everything(tiny_corpora, tmp_path, monkeypatch):
+    setup = Setup(tiny_corpora, tmp_path)
+    first = setup.prepare()
+    before = snapshot(setup.data_dir)
+    assert {p.split("/")[0] for p in before} == {"tokenizer", first.corpora["english"].path.name,
+                                                  first.corpora["code"].path.name}
+    monkeypatch.setattr(prepare_module, "write_shard", no_call("write_shard"))
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_call("sentencepiece training"))
+    second = setup.prepare()
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    for name in ("english", "code"):
+        assert second.corpora[name].path == first.corpora[name].path
+        assert np.array_equal(second.corpora[name].train.tokens, first.corpora[name].train.tokens)
+    assert snapshot(setup.data_dir) == before
+
+
+def test_changed_source_file_retokenizes_only_its_corpus(tiny_corpora, tmp_path):
+    # The tokenizer is trained on English only, so changing a code file leaves it (and English) untouched.
+    setup = Setup(tiny_corpora, tmp_path, tokenizer_corpora=["english"])
+    first = setup.prepare()
+    before = snapshot(setup.data_dir)
+    target = setup.corpora / "code" / "bisect.py"
+    target.write_text(target.read_text() + "\n# one more line\n")
+    second = setup.prepare()
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    assert second.corpora["english"].path == first.corpora["english"].path
+    assert second.corpora["code"].path != first.corpora["code"].path
+    assert second.corpora["code"].manifest["source_fingerprint"] != first.corpora["code"].manifest["source_fingerprint"]
+    assert total_bytes(second.corpora["code"]) == total_bytes(first.corpora["code"]) + len("\n# one more line\n")
+    after = snapshot(setup.data_dir)
+    unchanged = {p: t for p, t in before.items() if not p.startswith(first.corpora["code"].path.name)}
+    assert {p: after[p] for p in unchanged} == unchanged, "the tokenizer and English shard must not be rewritten"
+
+
+def test_changed_training_corpus_retrains_the_tokenizer(tiny_corpora, tmp_path):
+    setup = Setup(tiny_corpora, tmp_path, tokenizer_corpora=["english"])
+    setup.prepare()
+    stamp = (setup.data_dir / "tokenizer" / "cpt_fingerprint.txt").read_text()
+    with open(setup.corpora / "english.jsonl", "a") as f:
+        f.write('{"text": "A new chapter of plain English text."}\n')
+    setup.prepare()
+    assert (setup.data_dir / "tokenizer" / "cpt_fingerprint.txt").read_text() != stamp
+
+
+def test_changed_vocab_size_retrains_and_retokenizes(tiny_corpora, tmp_path):
+    setup = Setup(tiny_corpora, tmp_path)
+    first = setup.prepare()
+    setup.raw["tokenizer"]["train"]["vocab_size"] = 600
+    second = setup.prepare()
+    assert len(second.tokenizer) == 600
+    assert second.tokenizer_fingerprint != first.tokenizer_fingerprint
+    for name in ("english", "code"):
+        shard = second.corpora[name]
+        assert shard.path != first.corpora[name].path
+        assert shard.manifest["tokenizer_fingerprint"] == second.tokenizer_fingerprint
+        assert shard.manifest["vocab_size"] == 600
+
+
+@pytest.mark.parametrize("key, value", [("val_fraction", 0.3), ("val_max_docs", 1), ("split_seed", 1)])
+def test_changed_split_setting_retokenizes_that_corpus(tiny_corpora, tmp_path, key, value):
+    setup = Setup(tiny_corpora, tmp_path)
+    first = setup.prepare()
+    setup.raw["corpora"]["english"][key] = value
+    second = setup.prepare()
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    assert second.corpora["code"].path == first.corpora["code"].path
+    assert second.corpora["english"].path != first.corpora["english"].path
+    split = second.corpora["english"].manifest["split"]
+    assert split[{"split_seed": "seed"}.get(key, key)] == value
+
+
+def test_tokenizer_by_path_reuses_shards_of_the_same_tokenizer(tiny_corpora, tmp_path, monkeypatch):
+    # Shards are keyed by the tokenizer's content, not by how the recipe names it.
+    setup = Setup(tiny_corpora, tmp_path)
+    first = setup.prepare()
+    shutil.copytree(setup.data_dir / "tokenizer", tmp_path / "my-tokenizer")
+    setup.raw["tokenizer"] = {"path": str(tmp_path / "my-tokenizer")}
+    monkeypatch.setattr(prepare_module, "write_shard", no_call("write_shard"))
+    second = setup.prepare()
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    assert {n: s.path for n, s in second.corpora.items()} == {n: s.path for n, s in first.corpora.items()}

@@ -35,6 +35,19 @@ def parser() -> argparse.ArgumentParser:
                            description="Load and validate RECIPE with overrides; print the resolved config.")
     check.add_argument("recipe", help="recipe YAML")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+    schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
+                              description="Print the learning rate of every stage of RECIPE at chosen steps, "
+                                          "without reading data; optionally plot all stages over global steps.")
+    schedule.add_argument("recipe", help="recipe YAML")
+    schedule.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    schedule.add_argument("--stage", metavar="NAME", help="only this stage")
+    schedule.add_argument("--steps", metavar="0,10,100",
+                          help="steps to print (default: ~10 evenly spaced steps and the phase ends of each stage)")
+    schedule.add_argument("--global", dest="global_steps", action="store_true",
+                          help="steps are the run's global steps, not each stage's own")
+    schedule.add_argument("--json", action="store_true", help="print {stage: {step: lr}} as JSON")
+    schedule.add_argument("--plot", metavar="PNG", help="also draw every stage over global steps into this PNG")
     return p
 
 
@@ -57,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
             recipe, _ = load_recipe(args.recipe, args.overrides)
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        elif args.command == "schedule":
+            from cpt.schedule_view import show
+
+            show(args.recipe, args.overrides, stage=args.stage, steps=args.steps, json_out=args.json,
+                 global_steps=args.global_steps, plot_path=args.plot)
     except CptError as e:
         print(f"cpt: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import re
 import types
@@ -140,7 +141,8 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
         RecipeError: naming the key path, what was wrong and what is allowed.
     """
     where = path or "recipe"
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # A field named after a Python keyword is spelled with a trailing underscore ("from_" is key "from").
+    fields = {_key_of(f.name): f for f in dataclasses.fields(cls)}
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -154,7 +156,7 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+            kwargs[f.name] = _convert(hints[f.name], data[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             doc = f.metadata.get("doc", "")
             raise RecipeError(f"{_join(path, name)}: required key is missing" + (f" ({doc})" if doc else ""))
@@ -164,9 +166,16 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
         raise RecipeError(f"{_join(path, e.key)}: {e}") from None
 
 
+def _key_of(field_name: str) -> str:
+    stem = field_name[:-1]
+    return stem if field_name.endswith("_") and keyword.iskeyword(stem) else field_name
+
+
 def to_dict(config: Any) -> Any:
-    """A config as plain dicts and lists, ready for YAML or JSON."""
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    """A config as plain dicts and lists with recipe keys, ready for YAML or JSON."""
+    if not dataclasses.is_dataclass(config):
+        return config
+    return dataclasses.asdict(config, dict_factory=lambda items: {_key_of(k): v for k, v in items})
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

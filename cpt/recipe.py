@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from cpt.checkpoint import CheckpointConfig
-from cpt.config import apply_overrides, build, check, field, suggest, to_dict
+from cpt.config import ConfigValueError, apply_overrides, build, check, field, suggest, to_dict
+from cpt.data.replay import ReplayConfig
 from cpt.data.sources import CorpusConfig
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, RecipeError
@@ -33,17 +35,59 @@ log = logging.getLogger(__name__)
 class StageConfig:
     name: str = field(doc="stage name (checkpoints go under checkpoints/<name>/)")
     steps: int = field(doc="optimizer steps in this stage")
-    mixture: dict[str, float] = field(doc="corpus name -> sampling weight (normalised to sum to 1)")
+    mixture: dict[str, Any] = field(doc="corpus -> weight, or stage step -> {corpus: weight} anchors (a schedule); "
+                                        "weights are normalised to sum to 1")
+    mixture_interpolation: Literal["linear", "step"] = field(
+        "linear", doc="between mixture anchors: linear interpolation, or hold each anchor until the next")
+    replay: Optional[ReplayConfig] = field(None, doc="replay earlier data into this stage (see cpt/data/replay.py)")
+    start_from: Optional[str] = field(None, doc="an earlier stage whose final weights and data position this stage "
+                                                "starts from (default: the stage before)")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, doc="learning-rate schedule of this stage")
 
     def __post_init__(self):
         check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
               f"'{self.name}' must be letters, digits, '-' or '_'")
         check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")
-        check(len(self.mixture) > 0, "mixture", "must name at least one corpus")
-        for source, weight in self.mixture.items():
-            check(weight >= 0, f"mixture.{source}", f"weight must be >= 0, got {weight}")
-        check(sum(self.mixture.values()) > 0, "mixture", "weights are all zero; give at least one positive weight")
+        self.anchors = _mixture_anchors(self.mixture)
+
+    @property
+    def corpora(self) -> list[str]:
+        """Corpora named by the stage's own mixture (replay excluded)."""
+        return list(dict.fromkeys(c for weights in self.anchors.values() for c in weights))
+
+
+def _mixture_anchors(mixture: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """``{corpus: weight}`` or ``{step: {corpus: weight}}`` as anchors ``{step: {corpus: weight}}``, validated."""
+    check(len(mixture) > 0, "mixture", "must name at least one corpus")
+    if all(isinstance(v, dict) for v in mixture.values()):
+        anchors = {}
+        for key, weights in mixture.items():
+            check(str(key).isdigit(), f"mixture.{key}", "a mixture schedule's keys are stage steps (integers >= 0)")
+            anchors[int(key)] = _weights(weights, f"mixture.{key}")
+        check(0 in anchors, "mixture", f"a mixture schedule needs an anchor at step 0, got steps {sorted(anchors)}")
+        return anchors
+    return {0: _weights(mixture, "mixture")}
+
+
+def _weights(weights: dict, where: str) -> dict[str, float]:
+    check(len(weights) > 0, where, "must name at least one corpus")
+    out = {}
+    for corpus, weight in weights.items():
+        check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+              and weight >= 0, f"{where}.{corpus}", f"weight must be a number >= 0, got {weight!r}")
+        out[str(corpus)] = float(weight)
+    check(sum(out.values()) > 0, where, "weights are all zero; give at least one positive weight")
+    return out
+
+
+@dataclass
+class DataConfig:
+    max_epochs: float = field(10.0, doc="error before training if any source would be read more times than this")
+    replay_buffer_size: int = field(10000, doc="sequences kept by buffer replay (reservoir sample of trained data)")
+
+    def __post_init__(self):
+        check(self.max_epochs > 0, "max_epochs", "must be positive")
+        check(self.replay_buffer_size > 0, "replay_buffer_size", "must be positive")
 
 
 @dataclass
@@ -90,6 +134,7 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig, doc="tokenizer (default: the model's own)")
     eval: EvalConfig = field(default_factory=EvalConfig, doc="evaluation schedule and named eval sets")
     train: TrainConfig = field(default_factory=TrainConfig, doc="batching, optimizer and precision")
+    data: DataConfig = field(default_factory=DataConfig, doc="data budget limits and the replay buffer")
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, doc="checkpoint cadence")
     run: RunConfig = field(default_factory=RunConfig, doc="run directory and seed")
     wandb: WandbConfig = field(default_factory=WandbConfig, doc="Weights & Biases logging")
@@ -101,12 +146,31 @@ class Recipe:
         for i, name in enumerate(names):
             check(name not in names[:i], f"stages[{i}].name", f"duplicate stage name '{name}'")
         for i, stage in enumerate(self.stages):
-            for source in stage.mixture:
-                check(source in self.corpora, f"stages[{i}].mixture.{source}",
-                      f"unknown corpus{suggest(source, self.corpora)}; corpora: {', '.join(self.corpora)}")
-            total = sum(stage.mixture.values())
-            if abs(total - 1.0) > 1e-6:
-                log.warning("stages[%d].mixture: weights sum to %g, normalising to 1", i, total)
+            for step, weights in stage.anchors.items():
+                where = f"stages[{i}].mixture" + (f".{step}" if len(stage.anchors) > 1 or step else "")
+                for source in weights:
+                    check(source in self.corpora, f"{where}.{source}",
+                          f"unknown corpus{suggest(source, self.corpora)}; corpora: {', '.join(self.corpora)}")
+                total = sum(weights.values())
+                if abs(total - 1.0) > 1e-6:
+                    log.warning("%s: weights sum to %g, normalising to 1", where, total)
+                check(step < stage.steps, f"stages[{i}].mixture.{step}",
+                      f"anchor step must be below the stage's {stage.steps} steps")
+            try:
+                stage.schedule.validate_length(stage.steps)
+            except ConfigValueError as e:
+                raise ConfigValueError(f"stages[{i}].schedule.{e.key}", str(e)) from None
+            if stage.start_from is not None:
+                check(stage.start_from in names[:i], f"stages[{i}].start_from",
+                      f"'{stage.start_from}' is not an earlier stage{suggest(stage.start_from, names[:i])}; "
+                      f"earlier stages: {', '.join(names[:i]) or 'none'}")
+            if stage.replay and stage.replay.kind != "buffer":
+                earlier = [c for s in self.stages[:i] for c in s.corpora]
+                for corpus in stage.replay.from_ or []:
+                    check(corpus in self.corpora, f"stages[{i}].replay.from",
+                          f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
+                check(bool(stage.replay.from_ or earlier), f"stages[{i}].replay.from",
+                      "nothing to replay in the first stage; name the corpora to replay")
         for set_name, corpus in self.eval.sets.items():
             check(corpus in self.corpora, f"eval.sets.{set_name}",
                   f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}; corpora: {', '.join(self.corpora)}")

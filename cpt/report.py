@@ -176,6 +176,26 @@ def plot_curves(rows: list[dict], path: Path, title: str = "eval loss by stage")
     return path
 
 
+def data_table(rows: list[dict]) -> list[dict]:
+    """Tokens drawn from each source in each stage, replay included: ``{"stage", "source", "tokens", "share"}``."""
+    table = []
+    for r in _of_kind(rows, "data"):
+        total = sum(x["tokens"] for x in _of_kind(rows, "data") if x["stage"] == r["stage"])
+        table.append({"stage": r["stage"], "source": r["source"], "tokens": r["tokens"],
+                      "share": r["tokens"] / total if total else 0.0})
+    return table
+
+
+def format_data_table(table: list[dict]) -> str:
+    """The tokens-per-source table for the terminal."""
+    if not table:
+        return "(no data rows)"
+    width = max(len(r["source"]) for r in table) + 2
+    lines = [f"{'stage':<14}{'source':<{width}}{'tokens':>12}{'share':>8}"]
+    lines += [f"{r['stage']:<14}{r['source']:<{width}}{r['tokens']:>12,}{r['share']:>8.1%}" for r in table]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path) -> tuple[Path, str]:
     """Write ``report/curves.png`` and ``report/summary.json`` for a run directory.
 
@@ -183,7 +203,7 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
         run_dir: a run directory holding ``metrics.jsonl``.
 
     Returns:
-        The PNG path and the stage table formatted for the terminal.
+        The PNG path, and the stage and data tables formatted for the terminal.
 
     Raises:
         CptError: there is no ``metrics.jsonl``, or a line of it is malformed.
@@ -199,6 +219,8 @@ def write_report(run_dir: Path) -> tuple[Path, str]:
             final[r["set"]] = (r["step"], r["loss"])
     out = run_dir / "report"
     png = plot_curves(rows, out / "curves.png", title=f"{run_dir.name}: eval loss by stage")
-    summary = {"stage_table": table, "final_loss": {name: loss for name, (_, loss) in final.items()}}
+    data = data_table(rows)
+    summary = {"stage_table": table, "final_loss": {name: loss for name, (_, loss) in final.items()},
+               "data_table": data}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return png, format_stage_table(table)
+    return png, format_stage_table(table) + "\n\ntokens per source and stage:\n" + format_data_table(data)

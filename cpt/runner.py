@@ -58,6 +58,7 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path:
     """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -68,7 +69,9 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path
     from cpt.trainer import Trainer
 
     recipe, base_dir = load_recipe(recipe_path, overrides)
-    accelerator = Accelerator(mixed_precision=resolve_precision(recipe.train.mixed_precision))
+    # cpu=True without a GPU makes Accelerate start gloo when launched with several processes (torchrun).
+    accelerator = Accelerator(mixed_precision=resolve_precision(recipe.train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
     setup_logging(accelerator.is_main_process)
     run_dir = recipe.run_dir
     config_text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)

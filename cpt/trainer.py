@@ -14,11 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cpt import __version__
 from cpt.checkpoint import checkpoint_dir, rng_state, save_checkpoint
-from cpt.data.loader import MixtureSampler, PackedSequences, SamplerState, eval_sequences
+from cpt.data.loader import eval_sequences
+from cpt.data.mixing import rank_rows
+from cpt.data.stream import DataStream
 from cpt.data.prepare import PreparedData
 from cpt.errors import NonFiniteLossError
 from cpt.evaluate import EvalSet, evaluate
@@ -80,6 +83,16 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     return loss, grad_norm
 
 
+def log_budget(rows: list[dict]) -> None:
+    """Print the data budget: per stage and source, weight, tokens drawn and available, passes over it."""
+    lines = [f"{'stage':<14}{'source':<18}{'weight':>8}{'tokens':>14}{'available':>14}{'epochs':>8}"]
+    for r in rows:
+        available = "-" if r["available"] is None else f"{r['available']:,}"
+        epochs = "-" if r["epochs"] is None else f"{r['epochs']:.2f}"
+        lines.append(f"{r['stage']:<14}{r['source']:<18}{r['weight']:>8.3f}{r['tokens']:>14,}{available:>14}{epochs:>8}")
+    log.info("data budget (epochs = passes over the source by the stage's end):\n%s", "\n".join(lines))
+
+
 class Trainer:
     """Runs a recipe's stages on a prepared model and data, logging metrics and writing checkpoints."""
 
@@ -88,7 +101,10 @@ class Trainer:
         self.accelerator, self.metrics = accelerator, metrics
         self.model = accelerator.prepare(model)
         seq_len = recipe.train.seq_len
-        self.sources = {name: PackedSequences(shard.train.tokens, seq_len, name) for name, shard in data.corpora.items()}
+        self.stream = DataStream(data.corpora, recipe.stages, [recipe.train.stage_steps(s) for s in recipe.stages],
+                                 seq_len, self.global_batch, recipe.run.seed, recipe.data.max_epochs,
+                                 recipe.data.replay_buffer_size, accelerator.num_processes)
+        log_budget(self.stream.budget())
         self.eval_sets = {
             name: EvalSet(name, corpus, eval_sequences(data.corpora[corpus].val.tokens, seq_len,
                                                        recipe.eval.max_tokens, corpus),
@@ -96,7 +112,8 @@ class Trainer:
             for name, corpus in recipe.eval.sets.items()
         }
         self.state = TrainState()
-        self.sampler_state = SamplerState()
+        # Weights and data position at the end of stages that a later stage starts from (start_from).
+        self.branch_points: dict[str, tuple[dict, dict]] = {}
         self.last_checkpoint: Path | None = None
         trainable, total = count_parameters(model)
         log.info("model: %s parameters (%s trainable); %d process(es) on %s, precision %s", f"{total:,}",
@@ -107,19 +124,18 @@ class Trainer:
         train = self.recipe.train
         return train.micro_batch * train.grad_accum * self.accelerator.num_processes
 
-    def next_micro_batches(self, sampler: MixtureSampler) -> list[torch.Tensor]:
-        """This rank's micro-batches of the next global batch: rank ``r`` takes rows ``r::world`` of each
-        accumulation slice, so the union over ranks is the single-process batch."""
-        train, world, rank = self.recipe.train, self.accelerator.num_processes, self.accelerator.process_index
-        rows, _ = sampler.next_batch(self.global_batch)
-        rows = torch.from_numpy(rows).view(train.grad_accum, train.micro_batch * world, -1)
-        return [rows[i, rank::world].to(self.accelerator.device) for i in range(train.grad_accum)]
+    def next_micro_batches(self) -> list[torch.Tensor]:
+        """This rank's micro-batches of the next global batch (see ``rank_rows``)."""
+        rows, _ = self.stream.next_batch()
+        slices = rank_rows(rows, self.recipe.train.grad_accum, self.accelerator.num_processes,
+                           self.accelerator.process_index)
+        return [torch.from_numpy(s).to(self.accelerator.device) for s in slices]
 
     def dry_run(self) -> None:
         """One forward and backward pass on a full micro-batch, so memory errors show before any training."""
-        stage = self.recipe.stages[0]
-        sampler = MixtureSampler(self.sources, stage.mixture, self.recipe.run.seed, SamplerState())
-        batch = torch.from_numpy(sampler.next_batch(self.recipe.train.micro_batch)[0]).to(self.accelerator.device)
+        source = self.stream.sources[self.stream.schedules[0].names[0]]
+        rows = source.gather(np.arange(self.recipe.train.micro_batch) % len(source))
+        batch = torch.from_numpy(rows).to(self.accelerator.device)
         with self.accelerator.autocast():
             loss = token_loss_sum(self.model, batch[:, :-1], batch[:, 1:])
         self.accelerator.backward(loss / batch[:, 1:].numel())
@@ -133,12 +149,14 @@ class Trainer:
     def run_stage(self, index: int, stage: StageConfig) -> None:
         train, steps = self.recipe.train, self.recipe.train.stage_steps(stage)
         self.state.stage_index, self.state.stage_step = index, 0
-        self.sampler_state.stage_index, self.sampler_state.position = index, 0
-        sampler = MixtureSampler(self.sources, stage.mixture, self.recipe.run.seed, self.sampler_state)
+        if stage.start_from is not None:
+            self.branch_from(stage.start_from)
+        self.stream.start_stage(index)
         # A fresh optimizer per stage (Ibrahim et al. reset optimizer state between datasets).
         optimizer = self.accelerator.prepare(build_optimizer(self.model, train, stage.schedule.peak_lr))
+        mixture = self.stream.schedules[index].mean_weights(steps)
         log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s", index, stage.name, steps,
-                 self.global_batch, train.seq_len, ", ".join(f"{k} {v:g}" for k, v in stage.mixture.items()))
+                 self.global_batch, train.seq_len, ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()))
         self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
                           "step": self.state.global_step})
         self.evaluate_all(stage)
@@ -148,7 +166,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             start = time.perf_counter()
-            micro_batches = self.next_micro_batches(sampler)
+            micro_batches = self.next_micro_batches()
             try:
                 loss, grad_norm = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip)
             except NonFiniteLossError as e:
@@ -170,8 +188,21 @@ class Trainer:
                 self.save(stage, optimizer, steps)
         self.evaluate_all(stage)
         self.save(stage, optimizer, steps)
+        for source, tokens in self.stream.stage_tokens().items():
+            self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
+                              "tokens": tokens})
+        if any(s.start_from == stage.name for s in self.recipe.stages):
+            weights = {k: v.detach().cpu().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+            self.branch_points[stage.name] = (weights, self.stream.state_dict())
         self.metrics.log({"kind": "stage", "event": "end", "stage": stage.name, "index": index,
                           "step": self.state.global_step})
+
+    def branch_from(self, name: str) -> None:
+        """Restore the weights and data position saved at the end of stage ``name``."""
+        weights, data_state = self.branch_points[name]
+        self.accelerator.unwrap_model(self.model).load_state_dict(weights)
+        self.stream.load_state_dict(data_state)
+        log.info("starting from the end of stage '%s'", name)
 
     def evaluate_all(self, stage: StageConfig) -> None:
         parts = []
@@ -189,10 +220,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             train_state = {"optimizer": optimizer.state_dict(), "counters": asdict(self.state),
-                           "sampler": asdict(self.sampler_state), "rng": rng_state()}
+                           "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
                     "stage_complete": self.state.stage_step == steps, "world_size": self.accelerator.num_processes,
                     "recipe_fingerprint": self.recipe.fingerprint(),
+                    "data_fingerprint": self.stream.fingerprint(self.state.stage_index),
                     "tokenizer_fingerprint": self.data.tokenizer_fingerprint, "cpt_version": __version__}
             save_checkpoint(target, self.accelerator.unwrap_model(self.model), self.data.tokenizer, train_state,
                             meta, self.recipe.to_dict())

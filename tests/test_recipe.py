@@ -123,7 +123,7 @@ def test_min_lr_above_peak(raw):
 
 def test_negative_mixture_weight(raw):
     raw["stages"][1]["mixture"]["english"] = -0.1
-    assert error(raw) == "stages[1].mixture.english: weight must be >= 0, got -0.1"
+    assert error(raw) == "stages[1].mixture.english: weight must be a number >= 0, got -0.1"
 
 
 def test_all_zero_mixture(raw):
@@ -220,7 +220,7 @@ def test_vocab_size_range(raw):
 def test_schedule_kind_literal_violation(raw):
     raw["stages"][0]["schedule"]["kind"] = "cosin"
     assert error(raw) == \
-        "stages[0].schedule.kind: 'cosin' is not allowed (did you mean 'cosine'?); expected one of 'cosine'"
+        "stages[0].schedule.kind: 'cosin' is not allowed (did you mean 'cosine'?); expected one of 'cosine', 'wsd', 'infinite', 'constant', 'inverse_sqrt', 'linear'"
 
 
 def test_other_literal_violations(raw):
@@ -359,3 +359,9 @@ def test_cli_check_bad_recipe(cli_runs):
     lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("cpt: error: stage: unknown key (did you mean 'stages'?)")
+
+
+def test_schedule_longer_than_its_stage_is_an_error(raw):
+    raw["stages"][1]["schedule"] = {"kind": "wsd", "peak_lr": 1e-3, "warmup_steps": 5, "cooldown_steps": 500}
+    message = error(raw)
+    assert message.startswith("stages[1].schedule.cooldown_steps:") and "exceed" in message

@@ -10,7 +10,8 @@ import matplotlib.image
 import pytest
 
 from cpt.errors import CptError
-from cpt.report import format_stage_table, read_metrics, stage_table, write_report
+from cpt.report import (data_table, format_data_table, format_stage_table, read_metrics, stage_table,
+                        write_report)
 
 # Eval loss per set at steps 0, 5, 10, 15, 20; the values are exact in binary so changes compare with ==.
 LOSSES = {
@@ -92,15 +93,15 @@ def test_write_report(tmp_path):
     summary = json.loads((png.parent / "summary.json").read_text())
     assert summary["stage_table"] == stage_table(_rows())
     assert summary["final_loss"] == {"upstream": 4.5, "target": 2.5}
-    assert text == format_stage_table(summary["stage_table"])
+    assert text.startswith(format_stage_table(summary["stage_table"]) + "\n\ntokens per source and stage:")
 
 
 def test_run_without_evals_still_plots_lr(tmp_path):
     rows = [r for r in _rows() if r["kind"] != "eval"]
     png, text = write_report(_write_run(tmp_path / "run", rows))
     assert png.stat().st_size > 0
-    assert text == "(no eval rows)"
-    assert json.loads((png.parent / "summary.json").read_text()) == {"stage_table": [], "final_loss": {}}
+    assert text.startswith("(no eval rows)\n")
+    assert json.loads((png.parent / "summary.json").read_text()) == {"stage_table": [], "final_loss": {}, "data_table": []}
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -115,3 +116,14 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_missing_metrics_file(tmp_path):
     with pytest.raises(CptError, match=r"no metrics\.jsonl in .*cpt run RECIPE"):
         write_report(tmp_path)
+
+
+def test_data_table_shares_per_stage():
+    rows = [{"kind": "data", "step": 10, "stage": "pretrain", "source": "english", "tokens": 1000},
+            {"kind": "data", "step": 20, "stage": "cpt", "source": "code", "tokens": 750},
+            {"kind": "data", "step": 20, "stage": "cpt", "source": "english", "tokens": 250}]
+    table = data_table(rows)
+    assert [(r["stage"], r["source"], r["tokens"], r["share"]) for r in table] == [
+        ("pretrain", "english", 1000, 1.0), ("cpt", "code", 750, 0.75), ("cpt", "english", 250, 0.25)]
+    text = format_data_table(table)
+    assert "75.0%" in text and "1,000" in text and text.count("\n") == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,7 +106,8 @@ def test_checkpoint_parts(finished_run):
         assert (ckpt / name).stat().st_size == info["bytes"]
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert state["counters"]["global_step"] == 40 and state["optimizer"]["state"]
-    assert state["sampler"]["cursors"]["english"] == 40 * 8
+    assert state["data"]["sampler"]["cursors"]["english"] == 40 * 8
+    assert set(state["data"]["fingerprint"]) == {"sources", "mixture", "batch", "seed"}
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     assert (run_dir / "report" / "curves.png").stat().st_size > 10_000
 
@@ -186,3 +188,51 @@ def test_continue_from_a_checkpoint_directory(finished_run, tiny_corpora, tmp_pa
     for name in ("upstream", "downstream"):
         first = of(rows, "eval", set=name)[0]
         assert first["loss"] == pytest.approx(of(parent_rows, "eval", set=name)[-1]["loss"], abs=1e-5)
+
+
+def test_branches_start_from_the_same_weights_with_replay(tiny_corpora, tmp_path):
+    """Two stages branch from the end of pretraining (start_from): each begins with pretraining's final
+    weights, and each replays 25% of every batch (from the reservoir buffer, or a fixed general set)."""
+    recipe = tiny_recipe(tiny_corpora, tmp_path / "run", pretrain=10)
+    cpt_stage = recipe["stages"][1]
+    recipe["stages"] = [
+        recipe["stages"][0],
+        cpt_stage | {"name": "buffer", "steps": 6, "start_from": "pretrain", "mixture": {"code": 1.0},
+                     "replay": {"kind": "buffer", "rate": 0.25}},
+        cpt_stage | {"name": "fixed", "steps": 6, "start_from": "pretrain", "mixture": {"code": 1.0},
+                     "replay": {"kind": "fixed", "rate": 0.25, "from": ["english"], "size": 5}},
+    ]
+    recipe["data"] = {"replay_buffer_size": 20}
+    result = cpt("run", str(write_recipe(tmp_path / "branches.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("upstream", "downstream"):
+        evals = of(rows, "eval", set=name)
+        end_of_pretrain = [r for r in evals if r["stage"] == "pretrain"][-1]["loss"]
+        for branch in ("buffer", "fixed"):
+            assert [r for r in evals if r["stage"] == branch][0]["loss"] == pytest.approx(end_of_pretrain, abs=1e-6)
+    data = {(r["stage"], r["source"]): r["tokens"] for r in of(rows, "data")}
+    per_stage = 6 * 8 * 32  # steps * sequences per step * seq_len
+    assert data[("buffer", "replay-buffer")] == per_stage // 4 and data[("buffer", "code")] == per_stage * 3 // 4
+    assert data[("fixed", "english~fixed")] == per_stage // 4 and data[("fixed", "code")] == per_stage * 3 // 4
+    assert "tokens per source and stage" in result.stderr and "english~fixed" in result.stderr
+    assert "data budget" in result.stderr
+
+
+def test_two_gloo_processes_match_one(tiny_corpora, tmp_path):
+    """DDP over 2 CPU processes (gloo) with the same global batch trains like 1 process: the ranks read
+    disjoint halves of the same global batch, so the per-step losses agree to float rounding."""
+    losses = {}
+    for world, micro_batch in ((1, 4), (2, 2)):
+        recipe = tiny_recipe(tiny_corpora, tmp_path / f"run{world}", pretrain=6, cpt=4)
+        recipe["train"]["micro_batch"] = micro_batch
+        recipe["run"]["data_dir"] = str(tmp_path / "data")
+        path = write_recipe(tmp_path / f"w{world}.yaml", recipe)
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world)] if world > 1 else []
+        result = subprocess.run([sys.executable, *launcher, "-m", "cpt", "run", str(path)], capture_output=True,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / f"run{world}" / "metrics.jsonl").read_text().splitlines()]
+        losses[world] = [r["loss"] for r in of(rows, "train")] + [r["loss"] for r in of(rows, "eval")]
+    assert len(losses[1]) == len(losses[2]) == 10 + 2 * (3 + 2)
+    assert losses[2] == pytest.approx(losses[1], abs=2e-4)

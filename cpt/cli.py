@@ -24,6 +24,35 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing run in RUN_DIR (its prepared data is reused)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the recipe's run directory from its newest intact checkpoint")
+
+    resume = sub.add_parser("resume", help="continue a run from its newest intact checkpoint",
+                            description="Continue RUN_DIR from its newest intact checkpoint (corrupt or partial ones "
+                                        "are skipped) with the recipe it was started with: weights, optimizer, "
+                                        "schedule step, data position, RNG and metrics continue exactly.")
+    resume.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    resume.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="harmless overrides only (logging, eval)")
+
+    branch = sub.add_parser("branch", help="start a new run from a checkpoint of another run",
+                            description="Start a new run of RECIPE whose first stage starts from CHECKPOINT's weights "
+                                        "(and tokenizer); the new run records its lineage.")
+    branch.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/demo/checkpoints/cpt/step-350")
+    branch.add_argument("recipe", help="recipe YAML for the new run (its model/tokenizer come from CHECKPOINT)")
+    branch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    branch.add_argument("--name", help="name of the new run (default: the recipe's name)")
+    branch.add_argument("--with-optimizer", action="store_true", help="also start from the checkpoint's AdamW state")
+    branch.add_argument("--with-data", action="store_true",
+                        help="also continue the checkpoint's data position (per-source cursors, replay buffer)")
+
+    export = sub.add_parser("export", help="write a checkpoint as a standalone Hugging Face model directory",
+                            description="Copy CHECKPOINT's model and tokenizer into OUT_DIR, loadable with "
+                                        "AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+    export.add_argument("checkpoint", help="a checkpoint directory")
+    export.add_argument("out_dir", help="an empty or new directory")
+
+    runs = sub.add_parser("runs", help="list runs and their lineage as a tree")
+    runs.add_argument("dir", nargs="?", default="runs", help="directory to search (default: runs)")
 
     prepare = sub.add_parser("prepare", help="train/load the tokenizer and tokenize the corpora into shards",
                              description="Resolve RECIPE's tokenizer and tokenize every corpus into token shards "
@@ -57,7 +86,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            runner.run(args.recipe, args.overrides, overwrite=args.overwrite)
+            runner.run(args.recipe, args.overrides, overwrite=args.overwrite, resume=args.resume)
+        elif args.command == "resume":
+            runner.resume(args.run_dir, args.overrides)
+        elif args.command == "branch":
+            runner.branch(args.checkpoint, args.recipe, args.overrides, name=args.name,
+                          with_optimizer=args.with_optimizer, with_data=args.with_data)
+        elif args.command == "export":
+            from pathlib import Path
+
+            from cpt.checkpoint import export_checkpoint
+
+            print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir)))
+        elif args.command == "runs":
+            from pathlib import Path
+
+            from cpt.runs import format_runs
+
+            print(format_runs(Path(args.dir)))
         elif args.command == "prepare":
             runner.setup_logging()
             data = runner.prepare_data(args.recipe, args.overrides)

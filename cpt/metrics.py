@@ -27,6 +27,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_config: WandbConfig, run_name: str, config: dict, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        # Rows in the file so far (a resumed run appends to what its checkpoint covered).
+        self.rows = sum(1 for _ in open(self.path)) if enabled and self.path.exists() else 0
         self._file = open(self.path, "a") if enabled else None
         self._wandb = None
         if enabled and wandb_config.enabled:
@@ -42,6 +44,7 @@ class MetricsLogger:
         row = {**row, "time": round(time.time(), 3)}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        self.rows += 1
         if self._wandb is not None:
             prefix = f"eval/{row['set']}" if row["kind"] == "eval" else row["kind"]
             values = {f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}

@@ -43,6 +43,8 @@ class StageConfig:
     start_from: Optional[str] = field(None, doc="an earlier stage whose final weights and data position this stage "
                                                 "starts from (default: the stage before)")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, doc="learning-rate schedule of this stage")
+    reset_optimizer: bool = field(True, doc="start the stage with fresh AdamW state (false: keep the previous "
+                                            "stage's moments)")
 
     def __post_init__(self):
         check(self.name.replace("-", "").replace("_", "").isalnum(), "name",

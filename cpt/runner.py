@@ -3,18 +3,24 @@ report. The CLI calls these; tests can too."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from cpt.checkpoint import latest_intact, read_meta, verify_checkpoint
 from cpt.errors import CptError
 from cpt.recipe import Recipe, load_recipe
 
 log = logging.getLogger("cpt")
 
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "report", "config.yaml")
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "report", "config.yaml", "run.json")
+# Recipe keys that may change between a checkpoint and its resume: they do not touch the training math.
+HARMLESS_CHANGES = ("wandb", "checkpoint", "eval", "train.log_every", "run.data_dir", "run.dir")
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -56,8 +62,80 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path:
-    """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory."""
+def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False) -> Path:
+    """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory.
+    With ``resume``, continue the recipe's run directory from its newest intact checkpoint instead."""
+    recipe, base_dir = load_recipe(recipe_path, overrides)
+    if resume:
+        return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"))
+    return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path)
+
+
+def resume(run_dir: str, overrides: list[str]) -> Path:
+    """``cpt resume``: continue a run from its newest intact checkpoint, with the recipe it was started with."""
+    run_dir = Path(run_dir)
+    info = _read_run_info(run_dir)
+    recipe, _ = load_recipe(run_dir / "config.yaml", [*overrides, f"run.dir={json.dumps(str(run_dir))}"])
+    return _resume(recipe, Path(info["base_dir"]), info.get("lineage"))
+
+
+def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | None = None,
+           with_optimizer: bool = False, with_data: bool = False) -> Path:
+    """``cpt branch``: a new run whose first stage starts from ``checkpoint``'s weights (and optionally its
+    optimizer state and data position), recording its lineage."""
+    import torch
+
+    path = Path(checkpoint).resolve()
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CptError(f"cannot branch from {checkpoint}: {problem}")
+    meta = read_meta(path)
+    pinned = [f"model={json.dumps({'init': str(path)})}", f"tokenizer={json.dumps({'path': str(path)})}"]
+    recipe, base_dir = load_recipe(recipe_path, [*overrides, *pinned] + ([f"name={name}"] if name else []))
+    lineage = {"parent_run": str(path.parent.parent.parent), "checkpoint": str(path), "stage": meta["stage"],
+               "step": meta["global_step"], "parent_recipe_fingerprint": meta["recipe_fingerprint"],
+               "with_optimizer": with_optimizer, "with_data": with_data}
+    state = torch.load(path / "train_state.pt", weights_only=True) if (with_optimizer or with_data) else {}
+    carry = {"optimizer": state.get("optimizer") if with_optimizer else None,
+             "data": state.get("data") if with_data else None}
+    return _execute(recipe, base_dir, lineage=lineage, carry=carry, recipe_path=recipe_path)
+
+
+def _read_run_info(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        raise CptError(f"'{run_dir}' is not a cpt run directory (no run.json); start it with `cpt run RECIPE`") from None
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two plain config trees, with (old, new) values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in dict.fromkeys([*old, *new])
+                for c in config_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in config_changes(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _resume(recipe: Recipe, base_dir: Path, lineage: dict | None) -> Path:
+    found = latest_intact(recipe.run_dir)
+    if found is None:
+        raise CptError(f"no intact checkpoint in {recipe.run_dir}; start the run again with `cpt run RECIPE --overwrite`")
+    meta, path = found
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    blocking = [c for c in config_changes(saved, recipe.to_dict()) if not c[0].startswith(HARMLESS_CHANGES)]
+    if blocking:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in blocking[:8])
+        raise CptError(f"cannot resume {recipe.run_dir}: the recipe changed since {path.name} ({listed}); revert "
+                       "it, or start a new run from that checkpoint with `cpt branch`")
+    return _execute(recipe, base_dir, resume_from=path, keep_rows=meta["metrics_rows"], lineage=lineage)
+
+
+def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_from: Path | None = None,
+             keep_rows: int | None = None, lineage: dict | None = None, carry: dict | None = None,
+             recipe_path: str | None = None) -> Path:
+    """Build everything in dependency order and train: accelerator -> run dir -> data -> model -> trainer."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -65,10 +143,9 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path
     from cpt.data.prepare import prepare
     from cpt.metrics import MetricsLogger
     from cpt.model import build_model
-    from cpt.report import format_stage_table, write_report
+    from cpt.report import write_report
     from cpt.trainer import Trainer
 
-    recipe, base_dir = load_recipe(recipe_path, overrides)
     # cpu=True without a GPU makes Accelerate start gloo when launched with several processes (torchrun).
     accelerator = Accelerator(mixed_precision=resolve_precision(recipe.train.mixed_precision),
                               cpu=not torch.cuda.is_available())
@@ -76,7 +153,13 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path
     run_dir = recipe.run_dir
     config_text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if accelerator.is_main_process:
-        _claim_run_dir(run_dir, overwrite)
+        if resume_from is None:
+            _claim_run_dir(run_dir, overwrite)
+            info = {"recipe": str(Path(recipe_path).resolve()) if recipe_path else None, "base_dir": str(base_dir),
+                    "lineage": lineage}
+            (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        else:
+            _truncate_rows(run_dir / "metrics.jsonl", keep_rows)
         (run_dir / "config.yaml").write_text(config_text)
         log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", config_text.rstrip())
     accelerator.wait_for_everyone()
@@ -87,7 +170,10 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path
     model = build_model(recipe.model, data.tokenizer, recipe.train.seq_len, base_dir)
     metrics = MetricsLogger(run_dir, recipe.wandb, recipe.name, recipe.to_dict(), accelerator.is_main_process)
     try:
-        Trainer(recipe, run_dir, model, data, accelerator, metrics).fit()
+        trainer = Trainer(recipe, run_dir, model, data, accelerator, metrics, lineage)
+        if carry:
+            trainer.carry_over(carry.get("optimizer"), carry.get("data"))
+        trainer.fit(resume_from)
     finally:
         metrics.close()
     if accelerator.is_main_process:
@@ -95,3 +181,13 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False) -> Path
         log.info("eval loss before/after each stage:\n%s\ncurves: %s", table, png)
     accelerator.end_training()
     return run_dir
+
+
+def _truncate_rows(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` rows of ``metrics.jsonl``: those the checkpoint covers (no duplicates later)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines[:keep]))
+    os.replace(tmp, path)

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from cpt import __version__
-from cpt.checkpoint import checkpoint_dir, rng_state, save_checkpoint
+from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, rng_state, save_checkpoint,
+                            set_rng_state, verify_checkpoint)
 from cpt.data.loader import eval_sequences
 from cpt.data.mixing import rank_rows
 from cpt.data.stream import DataStream
 from cpt.data.prepare import PreparedData
-from cpt.errors import NonFiniteLossError
+from cpt.errors import CptError, NonFiniteLossError
 from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.model import count_parameters, token_loss_sum
@@ -96,8 +97,9 @@ def log_budget(rows: list[dict]) -> None:
 class Trainer:
     """Runs a recipe's stages on a prepared model and data, logging metrics and writing checkpoints."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, model, data: PreparedData, accelerator, metrics: MetricsLogger):
-        self.recipe, self.run_dir, self.data = recipe, run_dir, data
+    def __init__(self, recipe: Recipe, run_dir: Path, model, data: PreparedData, accelerator, metrics: MetricsLogger,
+                 lineage: dict | None = None):
+        self.recipe, self.run_dir, self.data, self.lineage = recipe, run_dir, data, lineage
         self.accelerator, self.metrics = accelerator, metrics
         self.model = accelerator.prepare(model)
         seq_len = recipe.train.seq_len
@@ -112,8 +114,8 @@ class Trainer:
             for name, corpus in recipe.eval.sets.items()
         }
         self.state = TrainState()
-        # Weights and data position at the end of stages that a later stage starts from (start_from).
-        self.branch_points: dict[str, tuple[dict, dict]] = {}
+        self.optimizer = None
+        self._optimizer_state: dict | None = None  # loaded into the next stage optimizer (resume, branch)
         self.last_checkpoint: Path | None = None
         trainable, total = count_parameters(model)
         log.info("model: %s parameters (%s trainable); %d process(es) on %s, precision %s", f"{total:,}",
@@ -141,27 +143,70 @@ class Trainer:
         self.accelerator.backward(loss / batch[:, 1:].numel())
         self.model.zero_grad(set_to_none=True)
 
-    def fit(self) -> None:
+    def fit(self, resume_from: Path | None = None) -> None:
+        """Train every stage; with ``resume_from``, continue exactly after that checkpoint of this run."""
         self.dry_run()
-        for index, stage in enumerate(self.recipe.stages):
-            self.run_stage(index, stage)
+        first, start_step = 0, 0
+        if resume_from is not None:
+            first, start_step = self.restore(resume_from)
+        for index in range(first, len(self.recipe.stages)):
+            self.run_stage(index, self.recipe.stages[index], start_step if index == first else 0)
 
-    def run_stage(self, index: int, stage: StageConfig) -> None:
+    def carry_over(self, optimizer_state: dict | None, data_state: dict | None) -> None:
+        """For a branch: start the first stage with a parent's optimizer state and/or data cursors."""
+        self._optimizer_state = optimizer_state
+        if data_state is not None:
+            self.stream.continue_from(data_state)
+
+    def restore(self, path: Path) -> tuple[int, int]:
+        """Load weights, optimizer, counters, data position and RNG from a checkpoint of this run.
+
+        Returns:
+            (stage index, completed steps in it) to continue from.
+        """
+        train_state = torch.load(path / "train_state.pt", weights_only=True)
+        load_weights(self.accelerator.unwrap_model(self.model), path)
+        self.state = TrainState(**train_state["counters"])
+        self.stream.load_state_dict(train_state["data"])
+        self._optimizer_state = train_state["optimizer"]
+        set_rng_state(train_state["rng"])
+        self.last_checkpoint = path
+        steps = self.recipe.train.stage_steps(self.recipe.stages[self.state.stage_index])
+        log.info("resuming from %s (stage '%s' step %d/%d, global step %d)", path,
+                 self.recipe.stages[self.state.stage_index].name, self.state.stage_step, steps, self.state.global_step)
+        if self.state.stage_step == steps:
+            return self.state.stage_index + 1, 0
+        return self.state.stage_index, self.state.stage_step
+
+    def stage_optimizer(self, stage: StageConfig):
+        """The stage's optimizer: fresh by default (Ibrahim et al. reset optimizer state between datasets), or
+        the previous stage's with ``reset_optimizer: false``; a resumed run loads the saved state into it."""
+        if stage.reset_optimizer or self.optimizer is None:
+            self.optimizer = self.accelerator.prepare(build_optimizer(self.model, self.recipe.train,
+                                                                      stage.schedule.peak_lr))
+        if self._optimizer_state is not None:
+            self.optimizer.load_state_dict(self._optimizer_state)
+            self._optimizer_state = None
+        return self.optimizer
+
+    def run_stage(self, index: int, stage: StageConfig, start_step: int = 0) -> None:
         train, steps = self.recipe.train, self.recipe.train.stage_steps(stage)
-        self.state.stage_index, self.state.stage_step = index, 0
-        if stage.start_from is not None:
-            self.branch_from(stage.start_from)
-        self.stream.start_stage(index)
-        # A fresh optimizer per stage (Ibrahim et al. reset optimizer state between datasets).
-        optimizer = self.accelerator.prepare(build_optimizer(self.model, train, stage.schedule.peak_lr))
+        self.state.stage_index = index
+        if start_step == 0:
+            self.state.stage_step = 0
+            if stage.start_from is not None:
+                self.branch_from(stage.start_from)
+            self.stream.start_stage(index)
+        optimizer = self.stage_optimizer(stage)
         mixture = self.stream.schedules[index].mean_weights(steps)
         log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s", index, stage.name, steps,
                  self.global_batch, train.seq_len, ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()))
-        self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
-                          "step": self.state.global_step})
-        self.evaluate_all(stage)
+        if start_step == 0:
+            self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
+                              "step": self.state.global_step})
+            self.evaluate_all(stage)
         progress = self._progress(stage, steps)
-        for t in range(1, steps + 1):
+        for t in range(start_step + 1, steps + 1):
             lr = lr_at(stage.schedule, t, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -187,22 +232,22 @@ class Trainer:
             if every and self.state.global_step % every == 0 and t < steps:
                 self.save(stage, optimizer, steps)
         self.evaluate_all(stage)
-        self.save(stage, optimizer, steps)
         for source, tokens in self.stream.stage_tokens().items():
             self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
                               "tokens": tokens})
-        if any(s.start_from == stage.name for s in self.recipe.stages):
-            weights = {k: v.detach().cpu().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
-            self.branch_points[stage.name] = (weights, self.stream.state_dict())
         self.metrics.log({"kind": "stage", "event": "end", "stage": stage.name, "index": index,
                           "step": self.state.global_step})
+        self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
 
     def branch_from(self, name: str) -> None:
-        """Restore the weights and data position saved at the end of stage ``name``."""
-        weights, data_state = self.branch_points[name]
-        self.accelerator.unwrap_model(self.model).load_state_dict(weights)
-        self.stream.load_state_dict(data_state)
-        log.info("starting from the end of stage '%s'", name)
+        """Restore the weights and data position of stage ``name``'s final checkpoint."""
+        final = [path for meta, path in list_checkpoints(self.run_dir)
+                 if meta["stage"] == name and meta.get("stage_complete")]
+        if not final or verify_checkpoint(final[-1]) is not None:
+            raise CptError(f"stage '{name}' has no intact final checkpoint in {self.run_dir} to start from")
+        load_weights(self.accelerator.unwrap_model(self.model), final[-1])
+        self.stream.load_state_dict(torch.load(final[-1] / "train_state.pt", weights_only=True)["data"])
+        log.info("starting from the end of stage '%s' (%s)", name, final[-1])
 
     def evaluate_all(self, stage: StageConfig) -> None:
         parts = []
@@ -222,6 +267,7 @@ class Trainer:
             train_state = {"optimizer": optimizer.state_dict(), "counters": asdict(self.state),
                            "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
+                    "metrics_rows": self.metrics.rows, "lineage": self.lineage,
                     "stage_complete": self.state.stage_step == steps, "world_size": self.accelerator.num_processes,
                     "recipe_fingerprint": self.recipe.fingerprint(),
                     "data_fingerprint": self.stream.fingerprint(self.state.stage_index),
@@ -229,6 +275,7 @@ class Trainer:
             save_checkpoint(target, self.accelerator.unwrap_model(self.model), self.data.tokenizer, train_state,
                             meta, self.recipe.to_dict())
             log.info("checkpoint: %s", target)
+            prune(self.run_dir, self.recipe.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = target
 

@@ -151,10 +151,11 @@ class DataStream:
         """What must match for a saved position to mean the same data: per component, a short hash."""
         def h(obj):
             return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        sizes = {name: len(s) for name, s in self.sources.items() if name != BUFFER}  # fixed sets' sizes too
-        capacity = None if self.buffer is None else self.buffer.capacity
-        return {"sources": h([self.shard_fingerprints, self.seq_len, sizes, capacity]),
-                "mixture": h(self.schedules[stage_index].describe()),
+        schedule = self.schedules[stage_index]
+        fixed_sizes = {n: len(self.sources[n]) for n in schedule.names if isinstance(self.sources[n], SubsetSequences)}
+        capacity = None if self.buffer is None else self.buffer.capacity  # the buffer's content depends on it
+        return {"sources": h([self.shard_fingerprints, self.seq_len, capacity]),
+                "mixture": h([schedule.describe(), fixed_sizes]),
                 "batch": h([self.per_step, self.world_size]), "seed": h(self.seed)}
 
     def state_dict(self) -> dict:
@@ -175,7 +176,8 @@ class DataStream:
         changed = [k for k, v in state["fingerprint"].items() if current.get(k) != v]
         allowed = {"mixture"} if remix else set()
         if set(changed) - allowed:
-            what = {"sources": "the sources (corpora, tokenization or seq_len)", "mixture": "the stage's mixture",
+            what = {"sources": "the sources (corpora, tokenization, seq_len or buffer size)",
+                    "mixture": "the stage's mixture (weights or fixed replay set size)",
                     "batch": "the global batch or world size", "seed": "the seed"}
             fix = "" if set(changed) - {"mixture"} else "; pass remix to apply the new mixture from here on"
             raise CptError("cannot continue the data stream: " + ", ".join(what[k] for k in changed) +
@@ -189,6 +191,18 @@ class DataStream:
         if self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
         self._make_sampler()
+
+    def continue_from(self, state: dict) -> None:
+        """Adopt another run's per-source cursors (and replay buffer) before this run's first stage, so a
+        branch reads on where its parent stopped. Its sources and seed must be the same."""
+        current = self.fingerprint(0)
+        for key in ("sources", "seed"):
+            if state["fingerprint"][key] != current[key]:
+                raise CptError(f"cannot continue the parent's data position: its {key} differ from this recipe's; "
+                               "branch without the data position")
+        self.state.cursors = dict(state["sampler"]["cursors"])
+        if self.buffer is not None and "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
 
     def stage_tokens(self) -> dict[str, int]:
         """Tokens drawn from each source so far in the current stage."""

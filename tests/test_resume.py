@@ -1,0 +1,140 @@
+"""Resume, branch and export through the CLI: a run killed with SIGKILL mid-stage resumes bit-identically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_recipe, write_recipe
+
+
+def cpt(*args):
+    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True)
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows):
+    """Rows without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def recipe_dict(tiny_corpora, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    recipe = tiny_recipe(tiny_corpora, root / "unused", pretrain=20, cpt=80)
+    recipe["checkpoint"] = {"every": 10, "keep_last": 2}
+    recipe["eval"]["every"] = 25
+    recipe["run"]["data_dir"] = str(root / "data")
+    return recipe, root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe_dict):
+    recipe, root = recipe_dict
+    path = write_recipe(root / "full.yaml", recipe | {"run": recipe["run"] | {"dir": str(root / "full")}})
+    result = cpt("run", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "full"
+
+
+def test_killed_run_resumes_bit_identically(recipe_dict, uninterrupted):
+    recipe, root = recipe_dict
+    run_dir = root / "killed"
+    path = write_recipe(root / "killed.yaml", recipe | {"run": recipe["run"] | {"dir": str(run_dir)}})
+    proc = subprocess.Popen([sys.executable, "-m", "cpt", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        steps = [r["step"] for r in rows_of(run_dir) if r["kind"] == "train"] if metrics.exists() else []
+        if steps and steps[-1] >= 45:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = [r["step"] for r in rows_of(run_dir) if r["kind"] == "train"][-1]
+    assert 45 <= killed_at < 100
+
+    # A checkpoint the kill interrupted mid-write: a temporary directory, and a newer one with a truncated file.
+    ckpts = run_dir / "checkpoints" / "cpt"
+    newest = max(ckpts.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert newest.name == "step-40"
+    (ckpts / ".step-50-partial").mkdir()
+    broken = ckpts / "step-50"
+    shutil.copytree(newest, broken)
+    meta = json.loads((broken / "meta.json").read_text())
+    meta["global_step"] = 50
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+
+    result = cpt("resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint" in result.stderr and "step-50" in result.stderr and "truncated" in result.stderr
+    assert "resuming from" in result.stderr and "step-40" in result.stderr
+    # Bit-identical losses, and no duplicate or missing metrics rows.
+    assert comparable(rows_of(run_dir)) == comparable(rows_of(uninterrupted))
+    # keep_last=2 mid-stage checkpoints plus every stage's final one
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*/step-*"))
+    assert kept == ["step-100", "step-20", "step-80", "step-90"]
+
+
+def test_resume_refuses_a_recipe_change_that_matters(recipe_dict, uninterrupted):
+    recipe, root = recipe_dict
+    result = cpt("resume", str(uninterrupted), "stages.cpt.schedule.peak_lr=0.5", "train.log_every=3")
+    assert result.returncode == 2
+    assert "stages[1].schedule.peak_lr: 0.01 -> 0.5" in result.stderr and "log_every" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_resume_after_the_end_is_a_no_op_and_harmless_changes_pass(recipe_dict, uninterrupted):
+    before = comparable(rows_of(uninterrupted))
+    result = cpt("resume", str(uninterrupted), "train.log_every=3", "eval.every=7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert comparable(rows_of(uninterrupted)) == before
+
+
+def test_branch_records_lineage_and_export_loads(recipe_dict, uninterrupted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe, root = recipe_dict
+    ckpt = uninterrupted / "checkpoints" / "pretrain" / "step-20"
+    branch = recipe | {"stages": [recipe["stages"][1] | {"steps": 4}],
+                       "run": recipe["run"] | {"dir": str(tmp_path / "{name}")}}
+    result = cpt("branch", str(ckpt), str(write_recipe(tmp_path / "b.yaml", branch)), "--name", "mix2",
+                 "--with-optimizer", "--with-data")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "mix2"
+    meta = json.loads(next((run_dir / "checkpoints").glob("*/step-4/meta.json")).read_text())
+    assert meta["lineage"]["checkpoint"] == str(ckpt.resolve()) and meta["lineage"]["step"] == 20
+    assert meta["lineage"]["with_optimizer"] and meta["lineage"]["with_data"]
+    # the branch's first eval is the parent's eval at the branch point (same weights, same eval windows)
+    parent = [r for r in rows_of(uninterrupted) if r["kind"] == "eval" and r["step"] == 20][0]
+    child = [r for r in rows_of(run_dir) if r["kind"] == "eval"][0]
+    assert child["loss"] == pytest.approx(parent["loss"], abs=1e-6)
+    # --with-data continues the parent's cursor: english was read 20 * 8 times before the branch point
+    state = torch.load(next((run_dir / "checkpoints").glob("*/step-4/train_state.pt")), weights_only=True)
+    assert state["data"]["sampler"]["cursors"]["english"] > 20 * 8
+
+    tree = cpt("runs", str(tmp_path)).stdout
+    assert "mix2" in tree and "step 20" in tree
+
+    out = tmp_path / "exported"
+    assert cpt("export", str(run_dir / "checkpoints" / "cpt" / "step-4"), str(out)).returncode == 0
+    assert not (out / "train_state.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "cpt" / "step-4")
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)

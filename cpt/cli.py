@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     branch.add_argument("recipe", help="recipe YAML for the new run (its model/tokenizer come from CHECKPOINT)")
     branch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     branch.add_argument("--name", help="name of the new run (default: the recipe's name)")
+    branch.add_argument("--overwrite", action="store_true", help="replace an existing run in the new run directory")
     branch.add_argument("--with-optimizer", action="store_true", help="also start from the checkpoint's AdamW state")
     branch.add_argument("--with-data", action="store_true",
                         help="also continue the checkpoint's data position (per-source cursors, replay buffer)")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.resume(args.run_dir, args.overrides)
         elif args.command == "branch":
             runner.branch(args.checkpoint, args.recipe, args.overrides, name=args.name,
-                          with_optimizer=args.with_optimizer, with_data=args.with_data)
+                          with_optimizer=args.with_optimizer, with_data=args.with_data, overwrite=args.overwrite)
         elif args.command == "export":
             from pathlib import Path
 

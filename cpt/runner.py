@@ -80,7 +80,7 @@ def resume(run_dir: str, overrides: list[str]) -> Path:
 
 
 def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | None = None,
-           with_optimizer: bool = False, with_data: bool = False) -> Path:
+           with_optimizer: bool = False, with_data: bool = False, overwrite: bool = False) -> Path:
     """``cpt branch``: a new run whose first stage starts from ``checkpoint``'s weights (and optionally its
     optimizer state and data position), recording its lineage."""
     import torch
@@ -98,7 +98,7 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
     state = torch.load(path / "train_state.pt", weights_only=True) if (with_optimizer or with_data) else {}
     carry = {"optimizer": state.get("optimizer") if with_optimizer else None,
              "data": state.get("data") if with_data else None}
-    return _execute(recipe, base_dir, lineage=lineage, carry=carry, recipe_path=recipe_path)
+    return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path)
 
 
 def _read_run_info(run_dir: Path) -> dict:

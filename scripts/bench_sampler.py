@@ -36,9 +36,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -282,6 +284,25 @@ def machine() -> dict[str, str]:
             "threads": str(torch.get_num_threads())}
 
 
+def code_version() -> str:
+    """The commit, and a hash of the measured modules as imported, so a table names the code it measured."""
+    import cpt.data.loader
+    import cpt.data.mixing
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpt/data/mixing.py", "cpt/data/loader.py"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    digest = hashlib.sha256()
+    for module in (cpt.data.mixing, cpt.data.loader):
+        digest.update(Path(module.__file__).read_bytes())
+    return f"commit {commit}{' + uncommitted changes' if dirty else ''}, mixing.py + loader.py sha256 " \
+           f"{digest.hexdigest()[:12]}"
+
+
 def rate(x: float) -> str:
     return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x / 1e3:.1f} k"
 
@@ -300,6 +321,7 @@ USED = "generator, no `Features` (used in the table above)"
 
 def run(quick: bool) -> str:
     """Run every measurement; return the markdown section body."""
+    code = code_version()  # before measuring: others may edit the tree while this runs
     scale = 0.15 if quick else 1.0
     repeats = 3
     total_tokens = 4_000_000 if quick else 16_000_000
@@ -347,7 +369,9 @@ def run(quick: bool) -> str:
             results.append(row)
             log(f"{case.label} {case.batch}x{case.seq_len}: sampler {rate(row['sampler'])} tokens/s, "
                 f"interleave {rate(row['interleave'])} tokens/s")
-    return format_section(results, variant_case, train, positions, total_tokens, quick)
+    if code_version() != code:
+        raise RuntimeError(f"the measured code changed during the run ({code} -> {code_version()}); run again")
+    return format_section(results, variant_case, train, positions, total_tokens, quick, code)
 
 
 def log(message: str) -> None:
@@ -355,7 +379,7 @@ def log(message: str) -> None:
 
 
 def format_section(results: list[dict], variant_case: Case, train: tuple[float, float], positions: int,
-                   total_tokens: int, quick: bool) -> str:
+                   total_tokens: int, quick: bool, code: str) -> str:
     info = machine()
     command = "python scripts/bench_sampler.py" + (" --quick" if quick else "")
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -363,7 +387,7 @@ def format_section(results: list[dict], variant_case: Case, train: tuple[float, 
     lines = [
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}). Machine: {info['nproc']} CPUs ({info['cpu']}), torch "
         f"{info['torch']} ({info['threads']} threads), numpy {info['numpy']}, datasets {info['datasets']}, Python "
-        f"{info['python']}. Load average at the end of the run: {load} (1/5/15 min) — other jobs shared this "
+        f"{info['python']}. Code: {code}. Load average at the end of the run: {load} (1/5/15 min) — other jobs shared this "
         "machine, so absolute numbers are noisy; each figure is the median of 3 repeats, and the repeats of the "
         "sampler and of `interleave_datasets` alternate so that load hits both alike.",
         "",

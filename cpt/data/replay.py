@@ -104,7 +104,7 @@ class ReplayBuffer:
 
     def gather(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)
-        ids, indices = self.source_ids[slots], self.indices[slots]
+        ids, indices = self.frozen_ids[slots], self.frozen_indices[slots]
         rows = None
         for source_id in np.unique(ids):
             mask = ids == source_id

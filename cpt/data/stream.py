@@ -95,7 +95,7 @@ class DataStream:
             return
         base = self.sources[corpus]
         order = np.random.default_rng(seed_int(self.seed, corpus, "fixed")).permutation(len(base))
-        self.sources[fixed_name(corpus)] = SubsetSequences(base, np.sort(order[:size]), fixed_name(corpus))
+        self.sources[fixed_name(corpus)] = SubsetSequences(base, np.sort(order[:size + 1]), fixed_name(corpus))
 
     def budget(self) -> list[dict]:
         """Per stage and source: mean weight, tokens to draw, tokens available, passes over the source so far

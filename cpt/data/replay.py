@@ -19,6 +19,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from cpt.config import check, field
+from cpt.errors import CptError
 
 BUFFER = "replay-buffer"
 _MASK = (1 << 64) - 1
@@ -119,9 +120,13 @@ class ReplayBuffer:
 
         arrays = {"source_ids": self.source_ids, "indices": self.indices, "frozen_ids": self.frozen_ids,
                   "frozen_indices": self.frozen_indices}
-        return {"seen": self.seen, "names": list(self.names), **{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}}
+        return {"seen": self.seen, "names": list(self.names),
+                **{key: torch.from_numpy(value.copy()) for key, value in arrays.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["source_ids"]) != self.capacity:
+            raise CptError(f"the replay buffer was saved with {len(state['source_ids'])} slots, but "
+                           f"data.replay_buffer_size is {self.capacity}; keep the size of the run being continued")
         self.seen, self.names = int(state["seen"]), list(state["names"])
         self.source_ids = np.asarray(state["source_ids"], dtype=np.int64).copy()
         self.indices = np.asarray(state["indices"], dtype=np.int64).copy()

@@ -95,7 +95,7 @@ class DataStream:
             return
         base = self.sources[corpus]
         order = np.random.default_rng(seed_int(self.seed, corpus, "fixed")).permutation(len(base))
-        self.sources[fixed_name(corpus)] = SubsetSequences(base, np.sort(order[:size + 1]), fixed_name(corpus))
+        self.sources[fixed_name(corpus)] = SubsetSequences(base, np.sort(order[:size]), fixed_name(corpus))
 
     def budget(self) -> list[dict]:
         """Per stage and source: mean weight, tokens to draw, tokens available, passes over the source so far
@@ -118,8 +118,8 @@ class DataStream:
                 rows.append({"stage": stage.name, "source": name, "weight": weight,
                              "tokens": int(round(draws)) * self.seq_len,
                              "available": None if available is None else available * self.seq_len, "epochs": epochs})
-                if epochs is not None and epochs > self.max_epochs and not isinstance(self.sources[name],
-                                                                                      SubsetSequences):
+                fixed = isinstance(self.sources.get(name), SubsetSequences)
+                if epochs is not None and epochs > self.max_epochs and not fixed:
                     raise CptError(f"stage '{stage.name}' would read source '{name}' {epochs:.1f} times (max "
                                    f"{self.max_epochs:g}); add data, lower its weight or the steps, or raise "
                                    "data.max_epochs")
@@ -153,8 +153,7 @@ class DataStream:
             return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
         schedule = self.schedules[stage_index]
         fixed_sizes = {n: len(self.sources[n]) for n in schedule.names if isinstance(self.sources[n], SubsetSequences)}
-        capacity = None if self.buffer is None else self.buffer.capacity  # the buffer's content depends on it
-        return {"sources": h([self.shard_fingerprints, self.seq_len, capacity]),
+        return {"sources": h([self.shard_fingerprints, self.seq_len]),
                 "mixture": h([schedule.describe(), fixed_sizes]),
                 "batch": h([self.per_step, self.world_size]), "seed": h(self.seed)}
 
@@ -176,7 +175,7 @@ class DataStream:
         changed = [k for k, v in state["fingerprint"].items() if current.get(k) != v]
         allowed = {"mixture"} if remix else set()
         if set(changed) - allowed:
-            what = {"sources": "the sources (corpora, tokenization, seq_len or buffer size)",
+            what = {"sources": "the sources (corpora, tokenization or seq_len)",
                     "mixture": "the stage's mixture (weights or fixed replay set size)",
                     "batch": "the global batch or world size", "seed": "the seed"}
             fix = "" if set(changed) - {"mixture"} else "; pass remix to apply the new mixture from here on"

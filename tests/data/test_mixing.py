@@ -154,8 +154,8 @@ def test_weights_at_anchors_between_and_after(interpolation):
         assert np.allclose(between, np.array(at[7]) + 3 / 13 * (np.array(at[20]) - np.array(at[7])))
     else:
         assert np.allclose(between, at[7])
-    assert np.allclose(schedule.weights_at(6), [1 - 6 / 7 * 0.75, 6 / 7 * 0.25, 6 / 7 * 0.5] if interpolation == "linear"
-                       else at[0])
+    six_sevenths = [1 - 6 / 7 * 0.75, 6 / 7 * 0.25, 6 / 7 * 0.5]
+    assert np.allclose(schedule.weights_at(6), six_sevenths if interpolation == "linear" else at[0])
     assert np.allclose(schedule.weights_at(1000), at[55])
     for step in range(70):
         assert schedule.weights_at(step).sum() == pytest.approx(1.0)

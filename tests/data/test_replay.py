@@ -58,8 +58,10 @@ def run_stages(s: DataStream) -> list[list[tuple[int, str, tuple[str, int]]]]:
 # --- config and weights -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, key", [({"rate": 0.0}, "rate"), ({"rate": 1.0}, "rate"), ({"rate": 0.1, "size": 0}, "size"),
-                                      ({"rate": 0.1, "kind": "buffer", "from": ["a"]}, "from")])
+@pytest.mark.parametrize("raw, key", [
+    ({"rate": 0.0}, "rate"), ({"rate": 1.0}, "rate"), ({"rate": 0.1, "size": 0}, "size"),
+    ({"rate": 0.1, "kind": "buffer", "from": ["a"]}, "from"),
+])
 def test_config_errors_name_the_key(raw, key):
     with pytest.raises(RecipeError, match=rf"replay\.{key}:"):
         build(ReplayConfig, raw, "replay")

@@ -152,17 +152,18 @@ class MixtureSampler:
         ``target(q) = base_count + expected(q) - expected(base_position)``.
         """
         names = self.schedule.names
-        counts = np.array([self.state.counts.get(n, 0) for n in names], dtype=np.float64)
+        # Plain floats: the per-position loop runs on a handful of values, where numpy calls cost more than math.
+        counts = [float(self.state.counts.get(n, 0)) for n in names]
         base = np.array([self.state.base_counts.get(n, 0) for n in names], dtype=np.float64)
         base -= self._expected(self.state.base_position)
-        picks, current_step = [], -1
+        picks, current_step, order = [], -1, range(len(names))
         for p in range(self.state.position + 1, self.state.position + count + 1):
             step, within = divmod(p, self.per_step)
             if step != current_step:  # step-level terms change once per global batch
                 current_step = step
-                start = base + self.per_step * self.schedule.cumulative(step)
-                weights = self.schedule.weights_at(step)
-            k = int(np.argmax(start + within * weights - counts))
+                start = (base + self.per_step * self.schedule.cumulative(step)).tolist()
+                weights = self.schedule.weights_at(step).tolist()
+            k = max(order, key=lambda j: (start[j] + within * weights[j] - counts[j], -j))
             counts[k] += 1
             picks.append(names[k])
         self.state.position += count

@@ -173,7 +173,7 @@ def distill_mask(tokens: str, is_replay_B: torch.Tensor, labels_BT: torch.Tensor
 
 
 def teacher_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The teacher's dtype for ``DistillConfig.teacher_dtype``; ``auto`` is bf16 on a GPU that supports it, else fp32."""
+    """The dtype for ``DistillConfig.teacher_dtype``: ``auto`` is bf16 on a GPU that supports it, else fp32."""
     if name == "auto":
         cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

@@ -163,8 +163,8 @@ def hft_selection(model: torch.nn.Module, config: HFTConfig, stage_index: int) -
     if isinstance(stage_index, bool) or not isinstance(stage_index, int) or stage_index < 0:
         raise ValueError(f"stage_index must be a non-negative integer, got {stage_index!r}")
     targets = _targets(model, config)
-    # Its own generator, seeded from (seed, stage) through numpy's SeedSequence: independent of the global RNGs
-    # and stable across numpy versions.
+    # Its own generator, seeded from (seed, stage) through numpy's SeedSequence, independent of the global RNGs.
+    # A resumed stage applies the selection recorded in its checkpoint, never a re-draw.
     rng = np.random.default_rng([config.seed, stage_index])
     trainable: dict[str, bool] = {}
     for category in CATEGORIES:

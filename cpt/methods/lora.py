@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def apply_lora(model: torch.nn.Module, config: LoraConfig, seed: int):
                                  target_modules=list(config.target_modules), bias="none")
     # peft builds the adapter layers with nn.Linear's default init, which draws from the global CPU RNG;
     # fork it so adding LoRA does not shift later random draws, then set the values from our own generator.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 calls a transformers method that transformers 5 deprecates; nothing a user can change.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(model, peft_config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -89,7 +89,8 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dict, config: dict) -> Path:
+def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dict, config: dict,
+                    write_extra: Callable[[Path], object] | None = None) -> Path:
     """Write a complete checkpoint to ``target`` atomically (an existing one there is replaced).
 
     Args:
@@ -97,6 +98,7 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         train_state: optimizer, sampler and schedule counters, RNG (see module docstring).
         meta: readable fields for ``meta.json`` (stage, steps, tokens...).
         config: the resolved recipe as a plain dict.
+        write_extra: writes more files into the directory before it is hashed (e.g. LoRA adapters).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -105,6 +107,8 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         tokenizer.save_pretrained(tmp)
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if write_extra is not None:
+            write_extra(tmp)
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"format_version": FORMAT_VERSION, **meta, "saved_at": time.time(), "files": files}

@@ -88,10 +88,14 @@ def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) ->
     return model
 
 
-def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over every target token (fp32 logits for a stable softmax)."""
-    logits_BTV = model(input_ids=input_ids_BT).logits
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), reduction="sum")
+
+
+def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``model`` over every target token."""
+    return cross_entropy_sum(model(input_ids=input_ids_BT).logits, labels_BT)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -20,6 +20,10 @@ import yaml
 from cpt.checkpoint import CheckpointConfig
 from cpt.config import ConfigValueError, apply_overrides, build, check, field, suggest, to_dict
 from cpt.data.replay import ReplayConfig
+from cpt.methods.distill import DistillConfig
+from cpt.methods.freezing import HFTConfig
+from cpt.methods.l2 import L2InitConfig
+from cpt.methods.lora import LoraConfig
 from cpt.data.sources import CorpusConfig
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, RecipeError
@@ -45,12 +49,24 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, doc="learning-rate schedule of this stage")
     reset_optimizer: bool = field(True, doc="start the stage with fresh AdamW state (false: keep the previous "
                                             "stage's moments)")
+    distill: Optional[DistillConfig] = field(None, doc="self-distillation toward the model as it was at the stage's "
+                                                       "start (or a named checkpoint)")
+    lora: Optional[LoraConfig] = field(None, doc="train LoRA adapters only; merged into the weights at the stage's end")
+    hft: Optional[HFTConfig] = field(None, doc="Half Fine-Tuning: freeze half of every layer's matrices by category")
+    l2_init: Optional[L2InitConfig] = field(None, doc="pull trainable weights toward their value at the stage's start")
+    freeze: list[str] = field(default_factory=list, doc="regexes of parameter names to freeze in this stage")
 
     def __post_init__(self):
         check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
               f"'{self.name}' must be letters, digits, '-' or '_'")
         check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")
         self.anchors = _mixture_anchors(self.mixture)
+        check(not (self.lora and self.hft), "hft", "choose one of lora and hft for a stage")
+        check(not (self.lora and self.l2_init), "l2_init", "L2-to-init applies to full weights; it does not combine "
+                                                         "with lora")
+        changes_params = self.lora or self.hft or self.freeze
+        check(self.reset_optimizer or not changes_params, "reset_optimizer",
+              "false needs the previous stage's trainable parameters; lora, hft and freeze change them")
 
     @property
     def corpora(self) -> list[str]:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from cpt import __version__
-from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, rng_state, save_checkpoint,
-                            set_rng_state, verify_checkpoint)
+from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, read_meta, rng_state,
+                            save_checkpoint, set_rng_state, verify_checkpoint)
 from cpt.data.loader import eval_sequences
 from cpt.data.mixing import rank_rows
 from cpt.data.stream import DataStream
@@ -27,7 +27,9 @@ from cpt.data.prepare import PreparedData
 from cpt.errors import CptError, NonFiniteLossError
 from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
-from cpt.model import count_parameters, token_loss_sum
+from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
+from cpt.methods.stage import StageMethods, needs_start_weights
+from cpt.model import count_parameters, cross_entropy_sum, token_loss_sum
 from cpt.recipe import Recipe, StageConfig, TrainConfig
 from cpt.schedules import lr_at
 
@@ -52,36 +54,64 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
 
 
-def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float) -> tuple[float, float]:
+def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
+               methods: StageMethods | None = None, replay_rows: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One optimizer step over accumulated micro-batches of packed ``[B, T+1]`` token windows.
 
-    The loss is normalised by the number of target tokens in the whole step, so accumulation does not change
-    its scale. Non-finite loss or gradients raise before the optimizer step, leaving the weights untouched.
+    The cross-entropy is normalised by the number of target tokens in the whole step, so accumulation does
+    not change its scale. With a stage's methods: ``+ lambda * KL(teacher || student)`` per distilled token
+    (``replay_rows`` marks the rows from replay sources) and ``+ lambda * ||theta - theta_0||^2`` once per step.
+    Non-finite loss or gradients raise before the optimizer step, leaving the weights untouched.
 
     Returns:
-        (mean token loss across ranks, gradient norm before clipping).
+        ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``
+        when those methods are active.
     """
+    distill = methods.stage.distill if methods is not None and methods.teacher is not None else None
+    l2 = methods.l2 if methods is not None else None
     step_tokens = sum(b[:, 1:].numel() for b in micro_batches)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    masks = [distill_mask(distill.tokens, r, b[:, 1:]) for b, r in zip(micro_batches, replay_rows)] if distill else []
+    distilled = sum(b[:, 1:].numel() if m is None else int(m.sum()) for b, m in zip(micro_batches, masks))
+    sums = {"loss": torch.zeros((), device=accelerator.device), "kl": torch.zeros((), device=accelerator.device)}
+    l2_value = None
     for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         # Only the last micro-batch all-reduces gradients across ranks.
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                micro_loss = token_loss_sum(model, batch[:, :-1], batch[:, 1:])
-            accelerator.backward(micro_loss / step_tokens)
-        loss_sum += micro_loss.detach()
-    loss = accelerator.reduce(loss_sum, "mean").item() / step_tokens
-    if not math.isfinite(loss):
+                inputs_BT, labels_BT = batch[:, :-1], batch[:, 1:]
+                logits_BTV = model(input_ids=inputs_BT).logits
+                ce_sum = cross_entropy_sum(logits_BTV, labels_BT)
+                objective = ce_sum / step_tokens
+                if distill is not None:
+                    teacher_BTV = teacher_forward(methods.teacher, inputs_BT)
+                    kl_sum, _ = distill_loss_sum(logits_BTV, teacher_BTV, labels_BT, distill, masks[i])
+                    objective = objective + distill.lambda_ * kl_sum / max(distilled, 1)
+                    sums["kl"] += kl_sum.detach()
+                if l2 is not None and last:
+                    penalty = l2.penalty(accelerator.unwrap_model(model))
+                    objective = objective + penalty
+                    l2_value = penalty.detach()
+            accelerator.backward(objective)
+        sums["loss"] += ce_sum.detach()
+    metrics = {"loss": accelerator.reduce(sums["loss"], "mean").item() / step_tokens}
+    if distill is not None:
+        metrics["kl"] = accelerator.reduce(sums["kl"], "mean").item() / max(distilled, 1)
+    if l2_value is not None:
+        metrics["l2"] = accelerator.reduce(l2_value, "mean").item()
+    total = metrics["loss"] + metrics.get("kl", 0.0) + metrics.get("l2", 0.0)
+    if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"loss is {loss}")
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+        raise NonFiniteLossError(f"loss is {metrics['loss']}" + (f" (objective {total})" if total != metrics["loss"] else ""))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip or float("inf")))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"gradient norm is {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return {**metrics, "grad_norm": grad_norm}
 
 
 def log_budget(rows: list[dict]) -> None:
@@ -114,6 +144,10 @@ class Trainer:
             for name, corpus in recipe.eval.sets.items()
         }
         self.state = TrainState()
+        self.methods: StageMethods | None = None
+        # The first stage's starting weights, kept only when resuming it would need them.
+        self.initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                              if needs_start_weights(recipe.stages[0]) else None)
         self.optimizer = None
         self._optimizer_state: dict | None = None  # loaded into the next stage optimizer (resume, branch)
         self.last_checkpoint: Path | None = None
@@ -126,12 +160,16 @@ class Trainer:
         train = self.recipe.train
         return train.micro_batch * train.grad_accum * self.accelerator.num_processes
 
-    def next_micro_batches(self) -> list[torch.Tensor]:
-        """This rank's micro-batches of the next global batch (see ``rank_rows``)."""
-        rows, _ = self.stream.next_batch()
-        slices = rank_rows(rows, self.recipe.train.grad_accum, self.accelerator.num_processes,
-                           self.accelerator.process_index)
-        return [torch.from_numpy(s).to(self.accelerator.device) for s in slices]
+    def next_micro_batches(self, stage: StageConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's micro-batches of the next global batch (see ``rank_rows``), and for each a bool per row:
+        whether it comes from a replay source rather than the stage's own mixture."""
+        rows, names = self.stream.next_batch()
+        own = set(stage.corpora)
+        replay = np.array([[name not in own] for name in names])
+        train, world, rank = self.recipe.train, self.accelerator.num_processes, self.accelerator.process_index
+        device = self.accelerator.device
+        return ([torch.from_numpy(s).to(device) for s in rank_rows(rows, train.grad_accum, world, rank)],
+                [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, train.grad_accum, world, rank)])
 
     def dry_run(self) -> None:
         """One forward and backward pass on a full micro-batch, so memory errors show before any training."""
@@ -197,13 +235,19 @@ class Trainer:
             if stage.start_from is not None:
                 self.branch_from(stage.start_from)
             self.stream.start_stage(index)
+        self.start_methods(index, stage, resumed=start_step > 0)
         optimizer = self.stage_optimizer(stage)
         mixture = self.stream.schedules[index].mean_weights(steps)
-        log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s", index, stage.name, steps,
-                 self.global_batch, train.seq_len, ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()))
+        trainable, total = count_parameters(self.model)
+        # AdamW keeps two fp32 moments per trainable parameter.
+        sizes = {"trainable_params": trainable, "total_params": total, "optimizer_state_bytes": 8 * trainable}
+        log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s; trainable %s of %s parameters (%.1f%%), "
+                 "AdamW state %.1f MiB", index, stage.name, steps, self.global_batch, train.seq_len,
+                 ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()), f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total, 8 * trainable / 2**20)
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
-                              "step": self.state.global_step})
+                              "step": self.state.global_step, **sizes})
             self.evaluate_all(stage)
         progress = self._progress(stage, steps)
         for t in range(start_step + 1, steps + 1):
@@ -211,9 +255,10 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             start = time.perf_counter()
-            micro_batches = self.next_micro_batches()
+            micro_batches, replay_rows = self.next_micro_batches(stage)
             try:
-                loss, grad_norm = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip)
+                metrics = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip,
+                                     self.methods, replay_rows)
             except NonFiniteLossError as e:
                 last = self.last_checkpoint or "none yet"
                 raise NonFiniteLossError(f"{e} at stage '{stage.name}' step {t}; weights were not updated. Lower "
@@ -221,9 +266,8 @@ class Trainer:
             step_tokens = self.global_batch * train.seq_len
             self.state.stage_step, self.state.global_step = t, self.state.global_step + 1
             self.state.tokens += step_tokens
-            row = {"kind": "train", "step": self.state.global_step, "stage": stage.name, "stage_step": t,
-                   "loss": loss, "lr": lr, "tokens": self.state.tokens, "grad_norm": grad_norm,
-                   "tokens_per_s": step_tokens / (time.perf_counter() - start)}
+            row = {"kind": "train", "step": self.state.global_step, "stage": stage.name, "stage_step": t, **metrics,
+                   "lr": lr, "tokens": self.state.tokens, "tokens_per_s": step_tokens / (time.perf_counter() - start)}
             self.metrics.log(row)
             progress(row)
             if t % self.recipe.eval.every == 0 and t < steps:
@@ -238,6 +282,39 @@ class Trainer:
         self.metrics.log({"kind": "stage", "event": "end", "stage": stage.name, "index": index,
                           "step": self.state.global_step})
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
+        self.model = self.accelerator.prepare(self.methods.finish(self.accelerator.unwrap_model(self.model)))
+        self.methods = None
+
+    def start_methods(self, index: int, stage: StageConfig, resumed: bool) -> None:
+        """Apply the stage's anti-forgetting methods; a resumed stage rebuilds them from its starting weights
+        and the checkpoint (LoRA adapters, the HFT selection it recorded)."""
+        self.methods = StageMethods(stage, index, self.recipe.run.seed)
+        start_state, resume_from, selection = None, None, None
+        if resumed:
+            resume_from = self.last_checkpoint
+            selection = (read_meta(resume_from) or {}).get("methods", {}).get("hft_selection")
+            if needs_start_weights(stage):
+                start_state = self.stage_start_state(index, stage)
+        model = self.methods.setup(self.accelerator.unwrap_model(self.model), start_state, resume_from, selection)
+        self.model = self.accelerator.prepare(model)
+
+    def stage_start_state(self, index: int, stage: StageConfig) -> dict[str, torch.Tensor]:
+        """The weights a stage started from: its start_from stage's or the previous stage's final checkpoint,
+        or the initial model for the first stage."""
+        from safetensors.torch import load_file
+
+        if stage.start_from is None and index == 0:
+            return self.initial_state
+        name = stage.start_from or self.recipe.stages[index - 1].name
+        final = [path for meta, path in list_checkpoints(self.run_dir)
+                 if meta["stage"] == name and meta.get("stage_complete")]
+        if not final:
+            raise CptError(f"stage '{name}' has no final checkpoint in {self.run_dir}, needed to resume '{stage.name}'")
+        state = load_file(final[-1] / "model.safetensors")
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        return state
 
     def branch_from(self, name: str) -> None:
         """Restore the weights and data position of stage ``name``'s final checkpoint."""
@@ -272,8 +349,9 @@ class Trainer:
                     "recipe_fingerprint": self.recipe.fingerprint(),
                     "data_fingerprint": self.stream.fingerprint(self.state.stage_index),
                     "tokenizer_fingerprint": self.data.tokenizer_fingerprint, "cpt_version": __version__}
-            save_checkpoint(target, self.accelerator.unwrap_model(self.model), self.data.tokenizer, train_state,
-                            meta, self.recipe.to_dict())
+            meta["methods"] = self.methods.record()
+            model, write_extra = self.methods.checkpoint_parts(self.accelerator.unwrap_model(self.model))
+            save_checkpoint(target, model, self.data.tokenizer, train_state, meta, self.recipe.to_dict(), write_extra)
             log.info("checkpoint: %s", target)
             prune(self.run_dir, self.recipe.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()

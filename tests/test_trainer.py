@@ -140,8 +140,8 @@ def test_nonfinite_loss_raises_before_the_update():
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, TrainConfig(), 1e-3)
     batch = torch.randint(0, 64, (2, 9))
-    loss, grad_norm = train_step(model, optimizer, [batch], accelerator, 1.0)
-    assert np.isfinite(loss) and grad_norm > 0
+    out = train_step(model, optimizer, [batch], accelerator, 1.0)
+    assert np.isfinite(out["loss"]) and out["grad_norm"] > 0 and set(out) == {"loss", "grad_norm"}
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,8 +167,8 @@ def test_grad_accumulation_matches_one_big_batch():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
         optimizer = build_optimizer(model, TrainConfig(), 1e-2)
-        loss, norm = train_step(model, optimizer, micro, Accelerator(cpu=True), 0.0)
-        results.append((loss, norm, model.lm_head.weight.detach().clone()))
+        out = train_step(model, optimizer, micro, Accelerator(cpu=True), 0.0)
+        results.append((out["loss"], out["grad_norm"], model.lm_head.weight.detach().clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     assert torch.allclose(results[0][2], results[1][2], atol=1e-6)

@@ -21,11 +21,16 @@ class L2InitConfig:
 class L2ToInit:
     """Holds ``theta_0`` (detached copies of the trainable parameters) and computes the penalty."""
 
-    def __init__(self, model: torch.nn.Module, lambda_: float):
+    def __init__(self, reference: torch.nn.Module, lambda_: float, names: set[str] | None = None):
+        """``reference`` holds theta_0; ``names`` are the trainable parameters (default: its own trainable ones)."""
         self.lambda_ = lambda_
-        self.reference = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self.reference = {name: p.detach().clone() for name, p in reference.named_parameters()
+                          if (p.requires_grad if names is None else name in names)}
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """``lambda * sum ||theta - theta_0||^2`` over the parameters captured at construction."""
-        terms = [(p - self.reference[name]).pow(2).sum() for name, p in model.named_parameters() if name in self.reference]
-        return self.lambda_ * torch.stack(terms).sum()
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for name, p in model.named_parameters():
+            if name in self.reference:
+                total = total + (p - self.reference[name]).pow(2).sum()
+        return self.lambda_ * total

@@ -101,7 +101,8 @@ def format_stage_table(table: list[dict]) -> str:
 
 
 def _stage_spans(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """``(name, start_step, end_step)`` per stage from the stage rows; a running stage ends at the last step."""
+    """``(label, start_step, end_step)`` per stage from the stage rows (the label names the stage and its
+    anti-forgetting methods); a running stage ends at the last step."""
     marks = _of_kind(rows, "stage")
     # Keyed by index so that a resumed run's repeated start row draws one span.
     starts = sorted({r["index"]: r for r in marks if r["event"] == "start"}.values(), key=lambda r: r["index"])
@@ -110,7 +111,8 @@ def _stage_spans(rows: list[dict]) -> list[tuple[str, float, float]]:
     spans = []
     for i, r in enumerate(starts):
         end = ends.get(r["index"], starts[i + 1]["step"] if i + 1 < len(starts) else last_step)
-        spans.append((r["stage"], r["step"], end))
+        methods = "+".join(r.get("methods") or [])
+        spans.append((f"{r['stage']} [{methods}]" if methods else r["stage"], r["step"], end))
     return spans
 
 

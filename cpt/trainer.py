@@ -247,7 +247,7 @@ class Trainer:
                  100 * trainable / total, 8 * trainable / 2**20)
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
-                              "step": self.state.global_step, **sizes})
+                              "step": self.state.global_step, "methods": self.methods.names(), **sizes})
             self.evaluate_all(stage)
         progress = self._progress(stage, steps)
         for t in range(start_step + 1, steps + 1):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -60,3 +62,18 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def recipe_file(tiny_corpora, tmp_path) -> Path:
     """The tiny recipe written to ``tmp_path/tiny.yaml`` with its run directory in ``tmp_path/run``."""
     return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_corpora, tmp_path / "run"))
+
+
+def run_cpt(*args: str):
+    """``python -m cpt ARGS`` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` rows."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Rows without their wall-clock fields, for comparing two runs."""
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]

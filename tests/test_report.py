@@ -127,3 +127,13 @@ def test_data_table_shares_per_stage():
         ("pretrain", "english", 1000, 1.0), ("cpt", "code", 750, 0.75), ("cpt", "english", 250, 0.25)]
     text = format_data_table(table)
     assert "75.0%" in text and "1,000" in text and text.count("\n") == 3
+
+
+def test_stage_labels_name_the_methods(tmp_path):
+    rows = _rows()
+    for r in rows:
+        if r["kind"] == "stage" and r["event"] == "start" and r["stage"] == "cpt":
+            r["methods"] = ["distill", "hft"]
+    from cpt.report import _stage_spans
+
+    assert [label for label, _, _ in _stage_spans(rows)] == ["pretrain", "cpt [distill+hft]"]

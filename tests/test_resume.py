@@ -12,20 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_recipe, write_recipe
-
-
-def cpt(*args):
-    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True)
-
-
-def rows_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(rows):
-    """Rows without wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]
+from conftest import comparable, read_rows as rows_of, run_cpt as cpt, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")

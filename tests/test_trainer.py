@@ -19,11 +19,7 @@ from cpt.recipe import load_recipe
 from cpt.schedules import lr_at
 from cpt.trainer import build_optimizer, train_step
 
-from conftest import tiny_recipe, write_recipe
-
-
-def cpt(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True, cwd=cwd)
+from conftest import run_cpt as cpt, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
 from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
 from cpt.data.tokenizer import TRAINER_VERSION, load_tokenizer, tokenizer_fingerprint, train_sentencepiece
-from cpt.errors import CptError
 
 log = logging.getLogger(__name__)
 

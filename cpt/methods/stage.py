@@ -95,6 +95,10 @@ class StageMethods:
             return model, None
         return merged_copy(model), lambda directory: save_adapters(model, directory / ADAPTER_DIR)
 
+    def names(self) -> list[str]:
+        """The active methods' recipe keys, e.g. ``["distill", "hft"]`` (replay is part of the mixture)."""
+        return [key for key in ("distill", "lora", "hft", "l2_init", "freeze") if getattr(self.stage, key)]
+
     def record(self) -> dict:
         """What resume needs to rebuild the same setup (JSON for ``meta.json``)."""
         return {"hft_selection": self.selection, "lora": self.lora}

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe, write_recipe
+from conftest import comparable, read_rows as rows_of, run_cpt as cpt, tiny_recipe, write_recipe
 
 METHODS = {
     "distill": {"distill": {"lambda": 1.0, "temperature": 2.0, "kind": "logit_swap"}},
@@ -20,18 +18,6 @@ METHODS = {
     "hft": {"hft": {"seed": 3}, "freeze": ["embed_tokens"]},
     "l2": {"l2_init": {"lambda": 0.1}},
 }
-
-
-def cpt(*args):
-    return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True)
-
-
-def rows_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]
 
 
 @pytest.fixture(scope="module")

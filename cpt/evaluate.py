@@ -9,25 +9,62 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 
-from cpt.config import check, field
+from cpt.config import build, check, field
 from cpt.model import token_loss_sum
+
+
+@dataclass
+class EvalSetConfig:
+    corpus: str = field(doc="the recipe corpus this set reads")
+    tag: Optional[Literal["upstream", "downstream"]] = field(
+        None, doc="upstream (old data to keep) or downstream (new data); default: the set's name if it is one")
+    split: Literal["val", "all"] = field("val", doc="val: the corpus's held-out split; all: every document "
+                                                  "(for a corpus used only for evaluation, e.g. a separate file)")
+    max_tokens: Optional[int] = field(None, doc="token budget of this set (default: eval.max_tokens)")
+
+    def __post_init__(self):
+        check(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive")
 
 
 @dataclass
 class EvalConfig:
     every: int = field(50, doc="evaluate every N steps (and always at each stage's start and end)")
-    max_tokens: int = field(65536, doc="token budget per eval set (the first windows of its held-out split)")
+    dense_steps: int = field(0, doc="also evaluate every dense_every steps during each stage's first dense_steps "
+                                    "steps, where the stability gap lives")
+    dense_every: int = field(1, doc="spacing of the dense evaluations")
+    geometric: bool = field(False, doc="also evaluate at stage steps 1, 2, 4, 8, ... (dense early, sparse later)")
+    max_tokens: int = field(65536, doc="token budget per eval set (the first windows of its split)")
     batch_size: int = field(8, doc="sequences per evaluation forward pass")
-    sets: dict[str, str] = field(default_factory=dict, doc="eval set name -> corpus whose held-out split it uses")
+    sets: dict[str, Any] = field(default_factory=dict, doc="eval set name -> corpus name, or {corpus, tag, split, "
+                                                           "max_tokens}")
 
     def __post_init__(self):
         check(self.every > 0, "every", "must be a positive number of steps")
+        check(self.dense_steps >= 0, "dense_steps", "must be >= 0")
+        check(self.dense_every > 0, "dense_every", "must be a positive number of steps")
         check(self.max_tokens > 0, "max_tokens", "must be positive")
         check(self.batch_size > 0, "batch_size", "must be positive")
+        self.resolved: dict[str, EvalSetConfig] = {}
+        for name, value in self.sets.items():
+            raw = {"corpus": value} if isinstance(value, str) else value
+            config = build(EvalSetConfig, raw, f"eval.sets.{name}")
+            if config.tag is None and name in ("upstream", "downstream"):
+                config.tag = name
+            self.resolved[name] = config
+
+    def due(self, t: int, steps: int) -> bool:
+        """Whether to evaluate after stage step ``t`` (1-based) of ``steps``; the stage's start and end
+        are always evaluated by the loop itself."""
+        if t % self.every == 0:
+            return True
+        if t <= self.dense_steps and t % self.dense_every == 0:
+            return True
+        return self.geometric and t & (t - 1) == 0
 
 
 @dataclass
@@ -38,6 +75,7 @@ class EvalSet:
     corpus: str
     sequences: np.ndarray
     bytes_per_token: float
+    tag: str | None = None
 
 
 @torch.no_grad()

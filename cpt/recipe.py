@@ -189,8 +189,10 @@ class Recipe:
                           f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
                 check(bool(stage.replay.from_ or earlier), f"stages[{i}].replay.from",
                       "nothing to replay in the first stage; name the corpora to replay")
-        for set_name, corpus in self.eval.sets.items():
-            check(corpus in self.corpora, f"eval.sets.{set_name}",
+        for set_name, eval_set in self.eval.resolved.items():
+            corpus = eval_set.corpus
+            key = f"eval.sets.{set_name}" + ("" if isinstance(self.eval.sets[set_name], str) else ".corpus")
+            check(corpus in self.corpora, key,
                   f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}; corpora: {', '.join(self.corpora)}")
         if self.tokenizer.train and self.tokenizer.train.corpora:
             for corpus in self.tokenizer.train.corpora:

@@ -137,12 +137,16 @@ class Trainer:
                                  seq_len, self.global_batch, recipe.run.seed, recipe.data.max_epochs,
                                  recipe.data.replay_buffer_size, accelerator.num_processes)
         log_budget(self.stream.budget())
-        self.eval_sets = {
-            name: EvalSet(name, corpus, eval_sequences(data.corpora[corpus].val.tokens, seq_len,
-                                                       recipe.eval.max_tokens, corpus),
-                          data.corpora[corpus].val.bytes_per_token)
-            for name, corpus in recipe.eval.sets.items()
-        }
+        self.eval_sets = {}
+        for name, config in recipe.eval.resolved.items():
+            shard = data.corpora[config.corpus]
+            tokens = shard.val.tokens if config.split == "val" else np.concatenate([shard.train.tokens, shard.val.tokens])
+            ratio = (shard.val.bytes_per_token if config.split == "val" else
+                     (shard.train.bytes + shard.val.bytes) / max(len(tokens), 1))
+            budget = config.max_tokens or recipe.eval.max_tokens
+            self.eval_sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, seq_len, budget, config.corpus),
+                                           ratio, config.tag)
+        self.eval_seconds = 0.0
         self.state = TrainState()
         self.methods: StageMethods | None = None
         # The first stage's starting weights, kept only when resuming it would need them.
@@ -245,6 +249,7 @@ class Trainer:
                  "AdamW state %.1f MiB", index, stage.name, steps, self.global_batch, train.seq_len,
                  ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()), f"{trainable:,}", f"{total:,}",
                  100 * trainable / total, 8 * trainable / 2**20)
+        stage_start, eval_before = time.perf_counter(), self.eval_seconds
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
                               "step": self.state.global_step, "methods": self.methods.names(), **sizes})
@@ -270,7 +275,7 @@ class Trainer:
                    "lr": lr, "tokens": self.state.tokens, "tokens_per_s": step_tokens / (time.perf_counter() - start)}
             self.metrics.log(row)
             progress(row)
-            if t % self.recipe.eval.every == 0 and t < steps:
+            if self.recipe.eval.due(t, steps) and t < steps:
                 self.evaluate_all(stage)
             every = self.recipe.checkpoint.every
             if every and self.state.global_step % every == 0 and t < steps:
@@ -279,8 +284,11 @@ class Trainer:
         for source, tokens in self.stream.stage_tokens().items():
             self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
                               "tokens": tokens})
+        seconds, eval_seconds = time.perf_counter() - stage_start, self.eval_seconds - eval_before
+        log.info("stage '%s' took %.1fs, %.0f%% of it evaluating", stage.name, seconds, 100 * eval_seconds / seconds)
         self.metrics.log({"kind": "stage", "event": "end", "stage": stage.name, "index": index,
-                          "step": self.state.global_step})
+                          "step": self.state.global_step, "seconds": round(seconds, 3),
+                          "eval_seconds": round(eval_seconds, 3)})
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
         self.model = self.accelerator.prepare(self.methods.finish(self.accelerator.unwrap_model(self.model)))
         self.methods = None
@@ -327,12 +335,14 @@ class Trainer:
         log.info("starting from the end of stage '%s' (%s)", name, final[-1])
 
     def evaluate_all(self, stage: StageConfig) -> None:
-        parts = []
+        parts, start = [], time.perf_counter()
         for name, eval_set in self.eval_sets.items():
             result = evaluate(self.model, eval_set, self.recipe.eval.batch_size, self.accelerator)
             self.metrics.log({"kind": "eval", "step": self.state.global_step, "stage": stage.name,
-                              "stage_step": self.state.stage_step, "set": name, "corpus": eval_set.corpus, **result})
+                              "stage_step": self.state.stage_step, "set": name, "tag": eval_set.tag,
+                              "corpus": eval_set.corpus, **result})
             parts.append(f"{name} {result['loss']:.3f} (bpb {result['bpb']:.3f})")
+        self.eval_seconds += time.perf_counter() - start
         if parts:
             log.info("eval @ step %d (%s %d): %s", self.state.global_step, stage.name, self.state.stage_step,
                      " | ".join(parts))

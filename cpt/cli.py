@@ -66,6 +66,18 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("recipe", help="recipe YAML")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
+    report = sub.add_parser("report", help="(re)write the report of one run, or compare several",
+                            description="Recompute each RUN_DIR's report from its metrics.jsonl: curves, the "
+                                        "stability gap of every stage and eval set, continual-evaluation metrics, "
+                                        "report/stability.json and a self-contained report/index.html. With "
+                                        "several runs, also write a comparison page into --out.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/demo")
+    report.add_argument("--out", metavar="DIR", help="one run: where its report goes (default RUN_DIR/report); "
+                        "several: where the comparison goes (default FIRST_RUN_DIR/report/compare)")
+    report.add_argument("--rtol", type=float, default=0.01,
+                        help="recovered = back within max(atol, rtol*|baseline|) of the baseline (default 0.01)")
+    report.add_argument("--atol", type=float, default=0.0, help="absolute recovery band in nats (default 0)")
+
     schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
                               description="Print the learning rate of every stage of RECIPE at chosen steps, "
                                           "without reading data; optionally plot all stages over global steps.")
@@ -82,7 +94,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow options (`cpt run R --resume a.b=1`), which argparse leaves over.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from cpt import runner
 
     try:
@@ -117,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
 
             recipe, _ = load_recipe(args.recipe, args.overrides)
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        elif args.command == "report":
+            from pathlib import Path
+
+            from cpt.report import report_runs
+
+            print(report_runs([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
+                              rtol=args.rtol, atol=args.atol))
         elif args.command == "schedule":
             from cpt.schedule_view import show
 

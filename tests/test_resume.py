@@ -125,3 +125,13 @@ def test_branch_records_lineage_and_export_loads(recipe_dict, uninterrupted, tmp
     ids = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_run_with_resume_flag_continues_the_recipes_run(recipe_dict, uninterrupted):
+    _, root = recipe_dict
+    before = comparable(rows_of(uninterrupted))
+    result = cpt("run", str(root / "full.yaml"), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and comparable(rows_of(uninterrupted)) == before
+    missing = cpt("run", str(root / "full.yaml"), "--resume", f"run.dir={root / 'nowhere'}")
+    assert missing.returncode == 2 and "is not a cpt run directory" in missing.stderr

@@ -1,19 +1,30 @@
-"""Run report: read a run's ``metrics.jsonl``, tabulate each stage's effect on every eval set, and plot the curves.
+"""Run report: read a run's ``metrics.jsonl``, tabulate each stage's effect on every eval set, plot the curves,
+measure the stability gap (:mod:`cpt.stability`), and write it all as a self-contained HTML page.
 
-``write_report(run_dir)`` writes ``report/curves.png`` (eval losses over global steps, stages shaded, LR on a
-second axis) and ``report/summary.json`` (the stage table and the final loss per eval set).
+``write_report(run_dir)`` writes into ``report/``: ``curves.png`` (eval losses over global steps with stages shaded,
+the learning rate in a panel below), ``gap.png`` (the first steps of every stage, per eval set), ``summary.json``
+(before/after per stage, final losses, tokens per source), ``stability.json`` and ``index.html`` (the figures and
+every table; inline CSS, images by relative path, so the folder can be copied as it is). ``compare_runs`` overlays
+several runs; ``report_runs`` is ``cpt report``.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import math
+import os
 from pathlib import Path
 
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from cpt.errors import CptError
+from cpt.stability import stability_report, stage_curves, stage_parents
 
 STAGE_SHADES = ("#e8eef6", "#f6f1e6")
 
@@ -116,63 +127,222 @@ def _stage_spans(rows: list[dict]) -> list[tuple[str, float, float]]:
     return spans
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "eval loss by stage") -> Path:
-    """Plot every eval set's loss over global steps, with stages shaded and the learning rate on a second axis.
+def _shade_stages(ax, spans: list[tuple[str, float, float]], label: bool) -> None:
+    for i, (name, start, end) in enumerate(spans):
+        ax.axvspan(start, end, color=STAGE_SHADES[i % 2], zorder=0)
+        if label:
+            ax.text((start + end) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom")
+        if i > 0:
+            ax.axvline(start, color="0.4", linestyle="--", linewidth=1)
+
+
+def _no_data(ax, text: str, frame: bool = True) -> None:
+    ax.set_yticks([])
+    if not frame:  # a figure with nothing else to show: no empty axes either
+        ax.set_axis_off()
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4",
+            bbox={"facecolor": "white", "edgecolor": "0.7"})
+
+
+def _eval_segments(rows: list[dict], name: str,
+                   start_from: dict[str, str | None] | None = None) -> list[tuple[list[int], list[float]]]:
+    """One eval set's losses over global steps, as ``(steps, losses)`` lines: a stage continues the line of the
+    stage before it, a stage that starts from another (``start_from``) starts a new line. Where the end eval of one
+    stage and the start eval of the next share a step and weights, one point is kept."""
+    parents = stage_parents(rows, start_from)
+    evals = [r for r in _of_kind(rows, "eval") if r["set"] == name]
+    segments: list[tuple[list[int], list[float]]] = []
+    previous = None
+    for stage in dict.fromkeys([*parents, *(r["stage"] for r in evals)]):
+        # A resumed run may log an eval twice; the later line wins.
+        points = sorted({r["step"]: r["loss"] for r in evals if r["stage"] == stage}.items())
+        if not points:
+            continue
+        if segments and previous is not None and parents.get(stage) == previous:
+            steps, losses = segments[-1]
+            points = [(s, loss) for s, loss in points if s > steps[-1]]
+        else:
+            steps, losses = [], []
+            segments.append((steps, losses))
+        steps += [s for s, _ in points]
+        losses += [loss for _, loss in points]
+        previous = stage
+    return segments
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "eval loss by stage",
+                start_from: dict[str, str | None] | None = None) -> Path:
+    """Plot every eval set's loss over global steps with stages shaded, and the learning rate in a panel below.
 
     Args:
         rows: metrics rows as returned by :func:`read_metrics`.
         path: where to write the PNG; parent directories are created.
         title: the figure title.
+        start_from: the recipe's ``start_from`` per stage: a stage that branches off an earlier one starts a new
+            line rather than joining the stage before it.
 
     Returns:
         ``path``.
     """
-    fig = Figure(figsize=(10, 5), dpi=120, layout="constrained")
+    fig = Figure(figsize=(10, 6), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_xlabel("step")
+    ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     ax.set_ylabel("eval loss (nats/token)")
-    ax.grid(True, alpha=0.3)
-
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step")
     spans = _stage_spans(rows)
-    for i, (name, start, end) in enumerate(spans):
-        ax.axvspan(start, end, color=STAGE_SHADES[i % 2], zorder=0)
-        ax.text((start + end) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom")
-        if i > 0:
-            ax.axvline(start, color="0.4", linestyle="--", linewidth=1)
+    _shade_stages(ax, spans, label=True)
+    _shade_stages(lr_ax, spans, label=False)
 
     evals = _of_kind(rows, "eval")
-    for name in dict.fromkeys(r["set"] for r in evals):
-        # The end eval of one stage and the start eval of the next share a step and weights: keep one point.
-        by_step = {r["step"]: r["loss"] for r in evals if r["set"] == name}
-        steps = sorted(by_step)
-        # Unclipped so the markers at the first and last step show whole at the plot's edges.
-        ax.plot(steps, [by_step[s] for s in steps], marker="o", markersize=4, linewidth=1.8, label=name,
-                clip_on=False)
+    for i, name in enumerate(dict.fromkeys(r["set"] for r in evals)):
+        for j, (steps, losses) in enumerate(_eval_segments(rows, name, start_from)):
+            # Unclipped so the markers at the first and last step show whole at the plot's edges.
+            ax.plot(steps, losses, marker="o", markersize=4, linewidth=1.8, color=f"C{i}", label=None if j else name,
+                    clip_on=False)
     if not evals:
-        ax.set_yticks([])
-        ax.text(0.5, 0.5, "no eval rows", transform=ax.transAxes, ha="center", va="center", color="0.4",
-                bbox={"facecolor": "white", "edgecolor": "0.7"})
+        _no_data(ax, "no eval rows")
 
-    handles, labels = ax.get_legend_handles_labels()
     train = _of_kind(rows, "train")
     if train:
-        lr_ax = ax.twinx()
-        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="0.5", linewidth=0.9,
-                   label="learning rate")
-        lr_ax.set_ylabel("learning rate", color="0.4")
-        lr_ax.tick_params(axis="y", colors="0.4")
+        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="0.3", linewidth=1.2)
         lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
+        lr_ax.yaxis.set_major_locator(MaxNLocator(3))
         lr_ax.set_ylim(bottom=0)
-        more_handles, more_labels = lr_ax.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        _no_data(lr_ax, "no train rows")
+    for axis in (ax, lr_ax):
+        axis.grid(True, alpha=0.3)
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if spans:
         ax.set_xlim(spans[0][1], spans[-1][2])
     ax.set_title(title, pad=18)
+    handles, labels = ax.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right upper", frameon=False)
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_gap_zoom(rows: list[dict], stability: dict, path: Path, fraction: float = 0.2) -> Path:
+    """One panel per eval set (rows) and stage (columns) over the stage's first steps: the loss, its baseline and
+    recovery band, the peak of the gap and the recovery step.
+
+    A column spans the first ``fraction`` of its stage, stretched to show at least four evals and every set's
+    recovery step.
+
+    Args:
+        rows: metrics rows as returned by :func:`read_metrics`.
+        stability: :func:`cpt.stability.stability_report` of the same rows.
+        path: where to write the PNG; parent directories are created.
+        fraction: the share of each stage to show.
+
+    Returns:
+        ``path``.
+    """
+    curves = stage_curves(rows)
+    figures = stability["stages"]
+    stages = list(dict.fromkeys(r["stage"] for r in figures))
+    sets = list(dict.fromkeys(r["set"] for r in figures))
+    lengths = {r["stage"]: r["last_step"] or 0 for r in figures}
+    fig = Figure(figsize=(max(4 * len(stages), 8), 1 + 2.5 * max(len(sets), 1)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    if not figures:
+        _no_data(fig.add_subplot(), "no eval rows", frame=False)
+    else:
+        axes = fig.subplots(len(sets), len(stages), squeeze=False, sharex="col")
+        rtol, atol = stability["tolerance"]["rtol"], stability["tolerance"]["atol"]
+        for col, stage in enumerate(stages):
+            ours = [r for r in figures if r["stage"] == stage]
+            steps = sorted({s for r in ours for s, _ in curves[(stage, r["set"])]})
+            end = max([math.ceil(fraction * lengths[stage]), *steps[:4][-1:],
+                       *(r["recovery_step"] for r in ours if r["recovery_step"] is not None)])
+            for row, name in enumerate(sets):
+                ax = axes[row][col]
+                ax.grid(True, alpha=0.3)
+                if row == 0:
+                    ax.set_title(stage)
+                if col == 0:
+                    ax.set_ylabel(f"{name}\nloss")
+                if row == len(sets) - 1:
+                    ax.set_xlabel("stage step")
+                figure = next((r for r in ours if r["set"] == name), None)
+                if figure is None:
+                    _no_data(ax, "no evals")
+                    continue
+                shown = [(s, loss) for s, loss in curves[(stage, name)] if s <= end]
+                ax.plot([s for s, _ in shown], [loss for _, loss in shown], marker="o", markersize=4, color="C0")
+                # A little room either side, so markers and a recovery line at the edges show whole.
+                ax.set_xlim(-0.03 * max(end, 1), 1.03 * max(end, 1))
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.margins(y=0.12)
+                baseline = figure["baseline"]
+                if baseline is None:
+                    continue
+                ax.axhline(baseline, color="0.35", linestyle="--", linewidth=1)
+                ax.axhspan(baseline, baseline + max(atol, rtol * abs(baseline)), color="#d9efd9", zorder=0)
+                if figure["gap_depth"] > 0 and figure["peak_step"] <= end:
+                    ax.plot(figure["peak_step"], baseline + figure["gap_depth"], marker="v", color="C3", markersize=8)
+                    ax.annotate(f"+{figure['gap_depth']:.3g}", (figure["peak_step"], baseline + figure["gap_depth"]),
+                                textcoords="offset points", va="top", color="C3",
+                                # Beside the marker, on the side with room.
+                                **({"xytext": (-7, -4), "ha": "right"} if figure["peak_step"] > end / 2
+                                   else {"xytext": (7, -4), "ha": "left"}),
+                                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+                if figure["recovery_step"]:
+                    ax.axvline(figure["recovery_step"], color="C2", linestyle=":", linewidth=1.5)
+        fig.suptitle(f"the first {fraction:.0%} of each stage (at least 4 evals)", fontsize=11)
+        fig.legend(handles=[Line2D([], [], color="C0", marker="o", markersize=4, label="eval loss"),
+                            Line2D([], [], color="0.35", linestyle="--", label="baseline (stage step 0)"),
+                            Patch(color="#d9efd9", label="recovery band"),
+                            Line2D([], [], color="C3", marker="v", linestyle="", label="gap peak (+depth)"),
+                            Line2D([], [], color="C2", linestyle=":", label="recovery step")],
+                   loc="outside lower center", ncols=5, frameon=False, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def run_label(rows: list[dict], name: str) -> str:
+    """A run's legend label: its name and each stage's anti-forgetting methods, e.g. ``demo [cpt: distill+hft]``."""
+    methods = [f"{r['stage']}: {'+'.join(r['methods'])}" for r in _of_kind(rows, "stage")
+               if r["event"] == "start" and r.get("methods")]
+    methods = list(dict.fromkeys(methods))  # a resumed run repeats a start row
+    return f"{name} [{'; '.join(methods)}]" if methods else name
+
+
+def plot_comparison(runs: list[tuple[str, list[dict], dict[str, str | None]]], path: Path) -> Path:
+    """One panel per eval set with every run's loss over global steps overlaid.
+
+    Args:
+        runs: ``(label, metrics rows, start_from per stage)`` per run, in legend order.
+        path: where to write the PNG; parent directories are created.
+
+    Returns:
+        ``path``.
+    """
+    sets = list(dict.fromkeys(r["set"] for _, rows, _ in runs for r in _of_kind(rows, "eval")))
+    fig = Figure(figsize=(10, 1 + 3 * max(len(sets), 1)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    if not sets:
+        _no_data(fig.add_subplot(), "no eval rows", frame=False)
+    else:
+        axes = fig.subplots(len(sets), 1, squeeze=False, sharex=True)[:, 0]
+        for ax, name in zip(axes, sets):
+            for i, (label, rows, start_from) in enumerate(runs):
+                for j, (steps, losses) in enumerate(_eval_segments(rows, name, start_from)):
+                    ax.plot(steps, losses, marker="o", markersize=3, linewidth=1.6, color=f"C{i}",
+                            label=None if j else label)
+            ax.set_title(name)
+            ax.set_ylabel("eval loss (nats/token)")
+            ax.grid(True, alpha=0.3)
+        axes[-1].set_xlabel("step")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", frameon=False,
+                   ncols=min(len(handles), 3))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -198,31 +368,230 @@ def format_data_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path) -> tuple[Path, str]:
-    """Write ``report/curves.png`` and ``report/summary.json`` for a run directory.
+def format_gap_table(figures: list[dict]) -> str:
+    """The stability-gap figures of :func:`cpt.stability.stability_report` (``["stages"]``) for the terminal."""
+    if not figures:
+        return "(no eval rows)"
+    header = ("stage", "eval set", "baseline", "depth", "peak", "recovery", "area", "forgetting", "gain", "to 90%")
+    lines = [tuple(_cells(r)[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10)) for r in figures]
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    return "\n".join("  ".join([c.ljust(w) for c, w in zip(cells[:2], widths)]
+                               + [c.rjust(w) for c, w in zip(cells[2:], widths[2:])]).rstrip()
+                     for cells in [header, *lines])
 
-    Args:
-        run_dir: a run directory holding ``metrics.jsonl``.
 
-    Returns:
-        The PNG path, and the stage and data tables formatted for the terminal.
+def fmt(x: float | int | None, signed: bool = False) -> str:
+    """How the report prints a number: 4 significant digits (thousands separated from 10,000), ``-`` when missing."""
+    if x is None:
+        return "-"
+    sign = "+" if signed else ""
+    if isinstance(x, int):
+        return f"{x:{sign},}"
+    # Adding 0.0 turns -0.0 into 0.0, so an exact zero never prints as -0.
+    return f"{x:{sign},.0f}" if abs(x) >= 1e4 else f"{x + 0.0:{sign}.4g}"
 
-    Raises:
-        CptError: there is no ``metrics.jsonl``, or a line of it is malformed.
-    """
+
+GAP_HEADER = ("stage", "eval set", "tag", "baseline", "gap depth", "peak step", "recovery step", "gap area",
+              "final forgetting", "gain", "steps to 90% gain")
+
+
+def _cells(r: dict) -> tuple[str, ...]:
+    """One row of the stability-gap table; a recovery step of ``None`` with a baseline reads "never"."""
+    recovery = "never" if r["recovery_step"] is None and r["baseline"] is not None else fmt(r["recovery_step"])
+    return (r["stage"], r["set"], r["tag"] or "-", fmt(r["baseline"]), fmt(r["gap_depth"]), fmt(r["peak_step"]),
+            recovery, fmt(r["gap_area"]), fmt(r["final_forgetting"], signed=True), fmt(r["gain"], signed=True),
+            fmt(r["steps_to_90"]))
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;padding:0 1em}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{padding:.25em .7em;border-bottom:1px solid #e4e4e4}
+th{background:#f3f5f8;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #eee}p.note{color:#555;font-size:.9em;max-width:60em}"""
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric_from: int = 0) -> str:
+    """An HTML table; cells from column ``numeric_from`` on are right-aligned (when that is > 0)."""
+    if not rows:
+        return "<p>(none)</p>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="n">{html.escape(c)}</td>' if numeric_from and i >= numeric_from
+                                    else f"<td>{html.escape(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+
+
+def _continual_tables(continual: list[dict], windows: list[int]) -> list[str]:
+    if not continual:
+        return ["<p>(no CPT stage with upstream/downstream eval sets)</p>"]
+    header = ("stage", "tasks k", "min-ACC", "WC-ACC", *(f"WF{w}" for w in windows), *(f"WP{w}" for w in windows))
+    rows = [(c["stage"], fmt(c["k"]), fmt(c["min_acc"]), fmt(c["wc_acc"]), *(fmt(c["wf"][str(w)]) for w in windows),
+             *(fmt(c["wp"][str(w)]) for w in windows)) for c in continual]
+    task_header = ("stage", "eval set", "learned", "current", "final A", "min A",
+                   *(f"WF{w}" for w in windows), *(f"WP{w}" for w in windows))
+    task_rows = [(c["stage"], t["set"], t["learned"], "yes" if t["current"] else "no", fmt(t["final_acc"]),
+                  fmt(t["min_acc"]), *(fmt(t["wf"][str(w)]) for w in windows),
+                  *(fmt(t["wp"][str(w)]) for w in windows)) for c in continual for t in c["tasks"]]
+    return [_table(header, rows, numeric_from=1), "<h3>per task</h3>", _table(task_header, task_rows, numeric_from=4)]
+
+
+DEFINITIONS = """<p class="note">Per stage and eval set, against the baseline (the eval at the stage's step 0):
+<b>gap depth</b> = max(0, max loss &minus; baseline); <b>peak step</b> = stage step of the highest loss;
+<b>recovery step</b> = first stage step after the peak back within the band
+baseline + max(atol, rtol&middot;|baseline|) (rtol {rtol:g}, atol {atol:g} nats; 0 = never left it);
+<b>gap area</b> = &int; max(0, loss &minus; baseline) d(step), linear between evals;
+<b>final forgetting</b> = last &minus; baseline; downstream sets: <b>gain</b> = baseline &minus; last and the first
+step reaching 90% of it. Losses in nats/token.</p>"""
+
+CONTINUAL_NOTE = """<p class="note">De Lange et al. (2023) with A = &minus;loss (higher is better; values are
+negative nats/token). Tasks: upstream sets are learned before the first CPT stage, a downstream set in the first CPT
+stage that trains on its corpus; at the end of each CPT stage, tasks learned in it are current, the others previous.
+<b>min-ACC</b>: mean over previous tasks of the lowest A since they were learned; <b>WC-ACC</b>: mean over the k
+tasks of A now (current tasks) and that minimum (previous ones); <b>WF<sup>w</sup></b> / <b>WP<sup>w</sup></b>:
+largest drop / rise of A within w consecutive evals, averaged over tasks.</p>"""
+
+
+def _start_from(run_dir: Path) -> dict[str, str | None]:
+    """Each stage's ``start_from`` from the run's resolved ``config.yaml`` (empty when there is none)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    stages = (yaml.safe_load(config.read_text()) or {}).get("stages") or []
+    return {s["name"]: s.get("start_from") for s in stages if isinstance(s, dict) and "name" in s}
+
+
+def _load_run(run_dir: Path) -> list[dict]:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise CptError(f"no metrics.jsonl in {run_dir}; run `cpt run RECIPE` first")
-    rows = read_metrics(metrics)
-    table = stage_table(rows)
+    return read_metrics(metrics)
+
+
+def _final_losses(rows: list[dict]) -> dict[str, float]:
     final: dict[str, tuple[int, float]] = {}
     for r in _of_kind(rows, "eval"):
         if r["set"] not in final or r["step"] >= final[r["set"]][0]:
             final[r["set"]] = (r["step"], r["loss"])
-    out = run_dir / "report"
-    png = plot_curves(rows, out / "curves.png", title=f"{run_dir.name}: eval loss by stage")
-    data = data_table(rows)
-    summary = {"stage_table": table, "final_loss": {name: loss for name, (_, loss) in final.items()},
-               "data_table": data}
+    return {name: loss for name, (_, loss) in final.items()}
+
+
+def write_report(run_dir: Path, out: Path | None = None, rtol: float = 0.01, atol: float = 0.0,
+                 windows: tuple[int, ...] = (10, 100)) -> tuple[Path, str]:
+    """Write a run's report: ``curves.png``, ``gap.png``, ``summary.json``, ``stability.json`` and ``index.html``.
+
+    ``index.html`` is self-contained next to its PNGs (inline CSS, images by relative path): copy the folder.
+
+    Args:
+        run_dir: a run directory holding ``metrics.jsonl`` (and ``config.yaml`` for stages' ``start_from``).
+        out: the report folder (default ``run_dir/report``).
+        rtol, atol: the stability-gap recovery band (see :mod:`cpt.stability`).
+        windows: the WF/WP window sizes, in evals.
+
+    Returns:
+        The curves PNG path, and the stage, data and stability-gap tables formatted for the terminal.
+
+    Raises:
+        CptError: there is no ``metrics.jsonl``, or a line of it is malformed.
+    """
+    rows = _load_run(run_dir)
+    out = out or run_dir / "report"
+    table, data = stage_table(rows), data_table(rows)
+    start_from = _start_from(run_dir)
+    stability = stability_report(rows, rtol, atol, windows, start_from=start_from)
+    png = plot_curves(rows, out / "curves.png", title=f"{run_dir.name}: eval loss by stage", start_from=start_from)
+    plot_gap_zoom(rows, stability, out / "gap.png")
+    summary = {"stage_table": table, "final_loss": _final_losses(rows), "data_table": data}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return png, format_stage_table(table) + "\n\ntokens per source and stage:\n" + format_data_table(data)
+    (out / "stability.json").write_text(json.dumps(stability, indent=2) + "\n")
+
+    body = [f"<p>{html.escape(run_label(rows, run_dir.name))} &mdash; from <code>{html.escape(str(run_dir))}"
+            "/metrics.jsonl</code></p>",
+            "<h2>Eval loss by stage</h2>", '<img src="curves.png" alt="eval loss by stage, learning rate below">',
+            "<h2>Stability gap</h2>", '<img src="gap.png" alt="the first steps of each stage">',
+            DEFINITIONS.format(rtol=rtol, atol=atol),
+            _table(GAP_HEADER, [_cells(r) for r in stability["stages"]], numeric_from=3),
+            "<h2>Continual evaluation</h2>", CONTINUAL_NOTE, *_continual_tables(stability["continual"], list(windows)),
+            "<h2>Before and after each stage</h2>",
+            _table(("eval set", "stage", "before", "after", "change"),
+                   [(r["set"], r["stage"], fmt(r["before"]), fmt(r["after"]), fmt(r["change"], signed=True))
+                    for r in table], numeric_from=2),
+            "<h2>Tokens per source and stage</h2>",
+            _table(("stage", "source", "tokens", "share"),
+                   [(r["stage"], r["source"], fmt(r["tokens"]), f"{r['share']:.1%}") for r in data], numeric_from=2)]
+    (out / "index.html").write_text(_page(f"{run_dir.name}: run report", body))
+    text = (format_stage_table(table) + "\n\ntokens per source and stage:\n" + format_data_table(data)
+            + "\n\nstability gap per stage and eval set:\n" + format_gap_table(stability["stages"]))
+    return png, text
+
+
+def compare_runs(run_dirs: list[Path], out: Path, rtol: float = 0.01, atol: float = 0.0,
+                 windows: tuple[int, ...] = (10, 100)) -> Path:
+    """Write a comparison of runs into ``out``: ``comparison.png`` (each eval set's curves overlaid, one line per
+    run), ``comparison.json`` and ``index.html`` (final losses, the continual metrics at each run's last CPT stage,
+    every run's stability-gap table, and links to the runs' own reports).
+
+    Args:
+        run_dirs: run directories holding ``metrics.jsonl``.
+        out: the comparison folder.
+        rtol, atol, windows: as for :func:`write_report`.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    names = [d.name for d in run_dirs]
+    if len(set(names)) < len(names):  # runs of one name under different parents: tell them apart by path
+        names = [str(d) for d in run_dirs]
+    runs = [(name, d, _load_run(d), _start_from(d)) for name, d in zip(names, run_dirs)]
+    plot_comparison([(run_label(rows, name), rows, start_from) for name, _, rows, start_from in runs],
+                    out / "comparison.png")
+    result = {}
+    for name, d, rows, start_from in runs:
+        stability = stability_report(rows, rtol, atol, windows, start_from=start_from)
+        last = stability["continual"][-1] if stability["continual"] else None
+        result[name] = {"label": run_label(rows, name), "run_dir": str(d), "final_loss": _final_losses(rows),
+                        "continual": last, "stability": stability}
+    (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    sets = list(dict.fromkeys(s for r in result.values() for s in r["final_loss"]))
+    finals = [(r["label"], *(fmt(r["final_loss"].get(s)) for s in sets),
+               *(fmt(r["continual"] and r["continual"][k]) for k in ("min_acc", "wc_acc")))
+              for r in result.values()]
+    body = ["<h2>Eval loss, runs overlaid</h2>", '<img src="comparison.png" alt="eval loss per set, one line per run">',
+            "<h2>Final loss</h2>",
+            _table(("run", *(f"{s} final loss" for s in sets), "min-ACC", "WC-ACC"), finals, numeric_from=1),
+            '<p class="note">min-ACC and WC-ACC at the end of each run\'s last CPT stage (A = &minus;loss).</p>',
+            "<h2>Stability gap</h2>", DEFINITIONS.format(rtol=rtol, atol=atol),
+            _table(("run", *GAP_HEADER), [(name, *_cells(f)) for name, r in result.items()
+                                          for f in r["stability"]["stages"]], numeric_from=4),
+            "<h2>Run reports</h2><ul>"
+            + "".join(f'<li><a href="{html.escape(os.path.relpath(d / "report" / "index.html", out))}">'
+                      f"{html.escape(name)}</a></li>" for name, d, _, _ in runs) + "</ul>"]
+    index = out / "index.html"
+    index.write_text(_page("comparison of runs", body))
+    return index
+
+
+def report_runs(run_dirs: list[Path], out: Path | None = None, rtol: float = 0.01, atol: float = 0.0) -> str:
+    """``cpt report``: (re)write each run's report and, with several runs, their comparison.
+
+    One run: its report goes to ``out`` (default ``RUN_DIR/report``). Several: each run's report goes to its own
+    ``RUN_DIR/report`` and the comparison to ``out`` (default ``FIRST_RUN_DIR/report/compare``).
+
+    Returns:
+        What to print: the tables of a single run, and the paths of the pages written.
+    """
+    if len(run_dirs) == 1:
+        png, text = write_report(run_dirs[0], out, rtol, atol)
+        return f"{text}\n\nreport: {png.parent / 'index.html'}"
+    pages = []
+    for d in run_dirs:
+        png, _ = write_report(d, rtol=rtol, atol=atol)
+        pages.append(f"report: {png.parent / 'index.html'}")
+    index = compare_runs(run_dirs, out or run_dirs[0] / "report" / "compare", rtol, atol)
+    return "\n".join([*pages, f"comparison: {index}"])

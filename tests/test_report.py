@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
+from cpt.cli import main
 from cpt.errors import CptError
-from cpt.report import (data_table, format_data_table, format_stage_table, read_metrics, stage_table,
-                        write_report)
+from cpt.report import (_eval_segments, data_table, fmt, format_data_table, format_stage_table, read_metrics,
+                        stage_table, write_report)
 
 # Eval loss per set at steps 0, 5, 10, 15, 20; the values are exact in binary so changes compare with ==.
 LOSSES = {
@@ -89,7 +91,7 @@ def test_write_report(tmp_path):
     assert png == tmp_path / "run" / "report" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = matplotlib.image.imread(png).shape[:2]
-    assert (width, height) == (1200, 600)
+    assert (width, height) == (1200, 720)  # eval losses above, the learning rate in a panel below
     summary = json.loads((png.parent / "summary.json").read_text())
     assert summary["stage_table"] == stage_table(_rows())
     assert summary["final_loss"] == {"upstream": 4.5, "target": 2.5}
@@ -137,3 +139,119 @@ def test_stage_labels_name_the_methods(tmp_path):
     from cpt.report import _stage_spans
 
     assert [label for label, _, _ in _stage_spans(rows)] == ["pretrain", "cpt [distill+hft]"]
+
+
+class _Page(HTMLParser):
+    """The image sources and the tables (lists of rows of cell texts) of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.images, self.tables, self._cell = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+    def table(self, first_header: str, second_header: str) -> list[list[str]]:
+        return next(t for t in self.tables if t[0][:2] == [first_header, second_header])
+
+
+def test_report_page_matches_stability_json(tmp_path):
+    png, text = write_report(_write_run(tmp_path / "run", _rows()))
+    out = png.parent
+    assert {p.name for p in out.iterdir()} == {"curves.png", "gap.png", "summary.json", "stability.json", "index.html"}
+    page = _Page((out / "index.html").read_text())
+    assert page.images == ["curves.png", "gap.png"]  # relative: the folder can be copied as it is
+    assert all((out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for src in page.images)
+
+    stability = json.loads((out / "stability.json").read_text())
+    figures = stability["stages"]
+    cpt_upstream = next(r for r in figures if (r["stage"], r["set"]) == ("cpt", "upstream"))
+    # 4.0 -> 4.25 -> 4.5 over stage steps 0, 5, 10: depth 0.5 at step 10, never back; area 0.625 + 1.875.
+    assert (cpt_upstream["gap_depth"], cpt_upstream["peak_step"], cpt_upstream["recovery_step"],
+            cpt_upstream["gap_area"], cpt_upstream["final_forgetting"]) == (0.5, 10, None, 2.5, 0.5)
+    gap_rows = page.table("stage", "eval set")[1:]
+    assert ["cpt", "upstream", "upstream", "4", "0.5", "10", "never", "2.5", "+0.5", "-", "-"] in gap_rows
+    assert gap_rows == [[r["stage"], r["set"], r["tag"] or "-", fmt(r["baseline"]), fmt(r["gap_depth"]),
+                         fmt(r["peak_step"]), "never" if r["recovery_step"] is None else fmt(r["recovery_step"]),
+                         fmt(r["gap_area"]), fmt(r["final_forgetting"], signed=True), fmt(r["gain"], signed=True),
+                         fmt(r["steps_to_90"])] for r in figures]
+    # "target" is untagged, so the only task is upstream, a previous task during cpt: WC-ACC = its lowest A.
+    [entry] = stability["continual"]
+    assert (entry["k"], entry["min_acc"], entry["wc_acc"]) == (1, -4.5, -4.5)
+    assert page.table("stage", "tasks k")[1][:4] == ["cpt", "1", "-4.5", "-4.5"]
+    before_after = page.table("eval set", "stage")[1:]
+    assert before_after[1] == ["upstream", "cpt", "4", "4.5", "+0.5"]
+    assert "stability gap per stage and eval set:" in text
+
+
+def test_sibling_stages_draw_separate_lines():
+    rows = _rows()
+    # Read as a line of stages, cpt continues pretrain (their shared step-10 eval is drawn once).
+    assert _eval_segments(rows, "upstream") == [([0, 5, 10, 15, 20], [8.0, 5.5, 4.0, 4.25, 4.5])]
+    # A stage that starts from another stage's weights (start_from) begins a new line.
+    assert len(_eval_segments(rows, "upstream", {"cpt": "some-earlier-stage"})) == 2
+
+
+def _second_run(tmp_path: Path) -> Path:
+    rows = _rows()
+    for r in rows:
+        if r["kind"] == "eval":
+            r["loss"] += 0.25
+        if r["kind"] == "stage" and r["event"] == "start" and r["stage"] == "cpt":
+            r["methods"] = ["distill"]
+    return _write_run(tmp_path / "b", rows)
+
+
+def test_cli_report_compares_runs(tmp_path, capsys):
+    a, b = _write_run(tmp_path / "a", _rows()), _second_run(tmp_path)
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "cmp"
+    assert f"comparison: {out / 'index.html'}" in printed
+    assert {p.name for p in out.iterdir()} == {"comparison.png", "comparison.json", "index.html"}
+    for run in (a, b):  # each run's own report is refreshed too
+        assert (run / "report" / "index.html").is_file() and (run / "report" / "stability.json").is_file()
+
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["a"]["final_loss"] == {"upstream": 4.5, "target": 2.5}
+    assert comparison["b"]["final_loss"] == {"upstream": 4.75, "target": 2.75}
+    assert comparison["b"]["label"] == "b [cpt: distill]"
+    page = _Page((out / "index.html").read_text())
+    assert page.images == ["comparison.png"] and (out / "comparison.png").stat().st_size > 0
+    finals = page.table("run", "upstream final loss")
+    assert finals[1:] == [["a", "4.5", "2.5", "-4.5", "-4.5"], ["b [cpt: distill]", "4.75", "2.75", "-4.75", "-4.75"]]
+    links = (out / "index.html").read_text()
+    assert 'href="../a/report/index.html"' in links and 'href="../b/report/index.html"' in links
+
+
+def test_cli_report_one_run(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", _rows())
+    assert main(["report", str(run), "--out", str(tmp_path / "elsewhere"), "--atol", "0.5"]) == 0
+    assert "report: " + str(tmp_path / "elsewhere" / "index.html") in capsys.readouterr().out
+    stability = json.loads((tmp_path / "elsewhere" / "stability.json").read_text())
+    assert stability["tolerance"] == {"rtol": 0.01, "atol": 0.5}
+    # With a band of 0.5 nats, cpt's 0.5 rise on upstream never leaves it.
+    assert next(r for r in stability["stages"] if (r["stage"], r["set"]) == ("cpt", "upstream"))["recovery_step"] == 0
+    assert not (run / "report").exists()
+
+
+def test_cli_report_without_metrics(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from cpt.config import build

@@ -12,8 +12,8 @@ import pytest
 
 from cpt.cli import main
 from cpt.errors import CptError
-from cpt.report import (_eval_segments, data_table, fmt, format_data_table, format_stage_table, read_metrics,
-                        stage_table, write_report)
+from cpt.plots import _eval_segments, _stage_spans
+from cpt.report import data_table, fmt, format_data_table, format_stage_table, read_metrics, stage_table, write_report
 
 # Eval loss per set at steps 0, 5, 10, 15, 20; the values are exact in binary so changes compare with ==.
 LOSSES = {
@@ -136,8 +136,6 @@ def test_stage_labels_name_the_methods(tmp_path):
     for r in rows:
         if r["kind"] == "stage" and r["event"] == "start" and r["stage"] == "cpt":
             r["methods"] = ["distill", "hft"]
-    from cpt.report import _stage_spans
-
     assert [label for label, _, _ in _stage_spans(rows)] == ["pretrain", "cpt [distill+hft]"]
 
 

@@ -64,6 +64,9 @@ def recipe_file(tiny_corpora, tmp_path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_corpora, tmp_path / "run"))
 
 
+WALL_CLOCK = ("time", "tokens_per_s", "seconds", "eval_seconds")
+
+
 def run_cpt(*args: str):
     """``python -m cpt ARGS`` in a subprocess, output captured."""
     return subprocess.run([sys.executable, "-m", "cpt", *args], capture_output=True, text=True)
@@ -76,4 +79,4 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 def comparable(rows: list[dict]) -> list[dict]:
     """Rows without their wall-clock fields, for comparing two runs."""
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]

@@ -69,7 +69,7 @@ def checkpoint_dir(run_dir: Path, stage: str, step: int) -> Path:
     return run_dir / "checkpoints" / stage / f"step-{step}"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,7 +109,7 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if write_extra is not None:
             write_extra(tmp)
-        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"format_version": FORMAT_VERSION, **meta, "saved_at": time.time(), "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -146,7 +146,7 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != info["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-        if hashes and _sha256(file) != info["sha256"]:
+        if hashes and sha256_file(file) != info["sha256"]:
             return f"{name} does not match its sha256 (corrupt)"
     return None
 

@@ -53,16 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 CPT = Path(sys.executable).parent / "cpt"
 DEMO = ROOT / "recipes" / "demo.yaml"
 HEADING = "## Anti-forgetting methods on the demo"
-INTRO = """# Benchmarks
-
-Measured numbers for `cpt`, each section written by the script it names (rerun the script to refresh it;
-do not edit the numbers by hand). Machine, command and library versions are recorded with each table.
-"""
 EVAL_EVERY = 10
 WARM_STEPS = 10  # steps left out of the step-time median (first steps, allocator warm-up)
 LORA_RANK = 8
@@ -378,19 +374,6 @@ def verdicts(results: dict[str, dict], base_total: int, info: dict) -> list[str]
     return out
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the ``HEADING`` section of ``path``, keeping every other section."""
-    text = path.read_text() if path.exists() else INTRO
-    section = f"{HEADING}\n\n{body}"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
-
-
 def embedding_params(checkpoint: Path) -> int:
     from safetensors.torch import load_file
 
@@ -474,7 +457,7 @@ def main() -> None:
     print(f"{HEADING}\n\n{body}")
     log(f"({info['wall_s']:.0f} s)")
     if not args.no_write and not args.steps:
-        write_section(args.out, body)
+        write_section(args.out, HEADING, body)
         log(f"wrote {args.out}")
 
 

@@ -53,14 +53,10 @@ import numpy as np
 from cpt.data.loader import PackedSequences
 from cpt.data.mixing import MixtureSampler, MixtureSchedule, SamplerState, seed_int
 from cpt.data.shards import token_dtype
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Data sampler throughput"
-INTRO = """# Benchmarks
-
-Measured numbers for `cpt`, each section written by the script it names (rerun the script to refresh it;
-do not edit the numbers by hand). Machine, command and library versions are recorded with each table.
-"""
 VOCAB = 4096
 SEED = 0
 WINDOWS = (100, 10_000)
@@ -470,19 +466,6 @@ def verdicts(results: list[dict], train_rate: float) -> list[str]:
     ]
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the ``HEADING`` section of ``path``, keeping every other section."""
-    text = path.read_text() if path.exists() else INTRO
-    section = f"{HEADING}\n\n{body}"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (less data, fewer batches); prints only")
@@ -494,7 +477,7 @@ def main() -> None:
     print(f"{HEADING}\n\n{body}")
     log(f"({time.time() - started:.0f} s)")
     if not args.quick and not args.no_write:
-        write_section(args.out, body)
+        write_section(args.out, HEADING, body)
         log(f"wrote {args.out}")
 
 

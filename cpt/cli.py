@@ -94,6 +94,15 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--out", metavar="JSON", help="results file (default RUN_DIR/lm_eval/<stage>-step-<N>.json)")
 
+    sweep = sub.add_parser("sweep", help="run a grid of small runs (sizes x token budgets x domain ratios) into a "
+                                         "results table for the mixture-ratio laws",
+                           description="Expand SWEEP.yaml's base recipe over model sizes, CPT token budgets and "
+                                       "domain ratios; run what is not finished yet, one process each, and write one "
+                                       "row per evaluation of each finished run to SWEEP_DIR/results.csv. Failed runs "
+                                       "are recorded and retried on the next invocation.")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. recipes/sweep-demo.yaml")
+    sweep.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
+
     schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
                               description="Print the learning rate of every stage of RECIPE at chosen steps, "
                                           "without reading data; optionally plot all stages over global steps.")
@@ -169,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                                    limit=args.limit, batch_size=args.batch_size, device=args.device)
             print(harness.summary(out))
             print(out)
+        elif args.command == "sweep":
+            from cpt.sweep import run_sweep
+
+            runner.setup_logging()
+            print(run_sweep(args.sweep, dry_run=args.dry_run))
         elif args.command == "schedule":
             from cpt.schedule_view import show
 

@@ -103,6 +103,10 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep YAML, e.g. recipes/sweep-demo.yaml")
     sweep.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
 
+    from cpt.laws.cli import add_commands as add_law_commands
+
+    add_law_commands(sub)  # fit-law, plan
+
     schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
                               description="Print the learning rate of every stage of RECIPE at chosen steps, "
                                           "without reading data; optionally plot all stages over global steps.")
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
             runner.setup_logging()
             print(run_sweep(args.sweep, dry_run=args.dry_run))
+        elif args.command in ("fit-law", "plan"):
+            from cpt.laws.cli import dispatch
+
+            dispatch(args)
         elif args.command == "schedule":
             from cpt.schedule_view import show
 

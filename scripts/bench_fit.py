@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from cpt.laws.dcpt import DCPT, cross_validate_dcpt, fit_dcpt
 from cpt.laws.fit import FitConfig, fit
 from cpt.laws.mixing import MIXING, fit_mixing
 from cpt.laws.table import Table, table_from_columns
+import benchmarks_md
 from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +101,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu, "python": platform.python_version(),
-            "numpy": np.__version__, "scipy": scipy.__version__}
+    return benchmarks_md.machine(numpy=np.__version__, scipy=scipy.__version__)
 
 
 def code_version() -> str:

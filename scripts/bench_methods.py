@@ -41,7 +41,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -53,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+import benchmarks_md
 from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,13 +237,7 @@ def interleaved_step_times(parent: Path, recipes: dict[str, Path], rounds: int, 
 def machine() -> dict[str, str]:
     import torch
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    return benchmarks_md.machine(torch=torch.__version__, threads=str(torch.get_num_threads()))
 
 
 def code_version() -> str:

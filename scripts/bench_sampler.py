@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import numpy as np
 from cpt.data.loader import PackedSequences
 from cpt.data.mixing import MixtureSampler, MixtureSchedule, SamplerState, seed_int
 from cpt.data.shards import token_dtype
+import benchmarks_md
 from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,14 +270,8 @@ def machine() -> dict[str, str]:
     import datasets
     import torch
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "datasets": datasets.__version__,
-            "threads": str(torch.get_num_threads())}
+    return benchmarks_md.machine(torch=torch.__version__, numpy=np.__version__, datasets=datasets.__version__,
+                                 threads=str(torch.get_num_threads()))
 
 
 def code_version() -> str:

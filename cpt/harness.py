@@ -144,9 +144,11 @@ def task_manager(names: list[str], include: list[Path]):
     for name in names:
         entry = manager.task_index.get(name)
         if entry is None:
-            local = [t for t in manager.all_tasks if t.startswith(TASK_PREFIX)]
-            raise CptError(f"unknown lm-eval task '{name}'{suggest(name, manager.all_tasks)}; this run's "
-                           f"held-out tasks: {', '.join(local) or 'none'}; add your own with --include DIR")
+            local = ", ".join(t for t in manager.all_tasks if t.startswith(TASK_PREFIX)) or (
+                f"none (the {TASK_PREFIX}* tasks come with a checkpoint inside a run, or with "
+                "--include RUN_DIR/lm_eval/tasks)")
+            raise CptError(f"unknown lm-eval task '{name}'{suggest(name, manager.all_tasks)}; held-out tasks: "
+                           f"{local}; add your own with --include DIR")
         hub = needs_hub(entry.cfg or {})
         if hub is not None:
             raise CptError(f"lm-eval task '{name}' downloads dataset '{hub}' from the Hugging Face Hub, and cpt "
@@ -172,9 +174,6 @@ def evaluate(checkpoint: Path, tasks: list[str], include: list[Path] = (), out: 
     include = [p.resolve() for p in include]
     if run_dir is not None:
         include = [write_heldout_tasks(run_dir), *include]
-    elif any(t.startswith(TASK_PREFIX) for t in tasks):
-        raise CptError(f"the {TASK_PREFIX}* held-out tasks need a checkpoint inside a run directory; "
-                       f"'{checkpoint}' is not in one (pass RUN_DIR/checkpoints/STAGE/step-N)")
     manager = task_manager(tasks, include)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"

@@ -79,7 +79,7 @@ def plot_dcpt(table: Table, fit: DcptFit, path: Path, domain: str | None = None)
                 ax.set_xlabel("CPT tokens D")
             if j == 0:
                 ax.set_ylabel(f"{loss} loss (R² {result.r2:.3f})")
-    fig.suptitle(f"D-CPT Law{f' ({domain})' if domain else ''}: observed (points) vs fitted (lines); the general "
+    fig.suptitle(f"D-CPT Law{f' ({domain})' if domain else ''}: observed (points) vs fitted (lines)\nthe general "
                  "law sees the general share 1 - r; dotted: general loss before CPT", fontsize=10)
     return _save(fig, path)
 

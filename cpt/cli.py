@@ -7,6 +7,7 @@ import sys
 
 from cpt import __version__
 from cpt.errors import CptError
+from cpt.preemption import EXIT_CODE, Preempted
 
 OVERRIDES_HELP = "dotted key=value overrides, e.g. train.max_steps=20 run.dir=runs/quick stages.cpt.steps=50"
 
@@ -26,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
                      help="replace an existing run in RUN_DIR (its prepared data is reused)")
     run.add_argument("--resume", action="store_true",
                      help="continue the recipe's run directory from its newest intact checkpoint")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="resume if the run directory has a checkpoint, else start the run (what slurm jobs run)")
 
     resume = sub.add_parser("resume", help="continue a run from its newest intact checkpoint",
                             description="Continue RUN_DIR from its newest intact checkpoint (corrupt or partial ones "
@@ -101,11 +104,18 @@ def parser() -> argparse.ArgumentParser:
                                        "row per evaluation of each finished run to SWEEP_DIR/results.csv. Failed runs "
                                        "are recorded and retried on the next invocation.")
     sweep.add_argument("sweep", help="sweep YAML, e.g. recipes/sweep-demo.yaml")
-    sweep.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
+    sweep.add_argument("--dry-run", action="store_true", help="print the runs' commands (with --slurm: the "
+                       "scripts), run nothing")
+    sweep.add_argument("--point", type=int, metavar="INDEX",
+                       help="run only grid point INDEX (0-based, sizes x tokens x ratios in file order)")
+    sweep.add_argument("--base", metavar="SIZE", help="run only the base run of SIZE (a name or a 0-based index)")
 
     from cpt.laws.cli import add_commands as add_law_commands
+    from cpt.slurm import add_commands as add_slurm_commands, add_slurm_options
 
+    add_slurm_options(sweep)  # sweep --slurm: an array job
     add_law_commands(sub)  # fit-law, plan
+    add_slurm_commands(sub)  # launch
 
     schedule = sub.add_parser("schedule", help="print (or plot) every stage's learning rate at chosen steps",
                               description="Print the learning rate of every stage of RECIPE at chosen steps, "
@@ -134,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            runner.run(args.recipe, args.overrides, overwrite=args.overwrite, resume=args.resume)
+            runner.run(args.recipe, args.overrides, overwrite=args.overwrite, resume=args.resume,
+                       auto_resume=args.auto_resume)
         elif args.command == "resume":
             runner.resume(args.run_dir, args.overrides)
         elif args.command == "branch":
@@ -182,11 +193,23 @@ def main(argv: list[str] | None = None) -> int:
                                    limit=args.limit, batch_size=args.batch_size, device=args.device)
             print(harness.summary(out))
             print(out)
-        elif args.command == "sweep":
-            from cpt.sweep import run_sweep
+        elif args.command == "launch" or (args.command == "sweep" and args.slurm):
+            from cpt.slurm import dispatch as slurm_dispatch
 
             runner.setup_logging()
-            print(run_sweep(args.sweep, dry_run=args.dry_run))
+            slurm_dispatch(args)
+        elif args.command == "sweep":
+            from cpt import sweep
+            from cpt.slurm import refuse_slurm_options
+
+            refuse_slurm_options(args)
+            runner.setup_logging()
+            if args.point is not None:
+                print(sweep.run_point(args.sweep, args.point))
+            elif args.base is not None:
+                sweep.run_base(args.sweep, args.base)
+            else:
+                print(sweep.run_sweep(args.sweep, dry_run=args.dry_run))
         elif args.command in ("fit-law", "plan"):
             from cpt.laws.cli import dispatch
 
@@ -199,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except CptError as e:
         print(f"cpt: error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        return EXIT_CODE  # the trainer logged where its checkpoint is
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
         return 130

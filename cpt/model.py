@@ -94,8 +94,8 @@ def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
 
 
 def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of ``model`` over every target token."""
-    return cross_entropy_sum(model(input_ids=input_ids_BT).logits, labels_BT)
+    """Summed next-token cross-entropy of ``model`` over every target token (no KV cache: nothing generates)."""
+    return cross_entropy_sum(model(input_ids=input_ids_BT, use_cache=False).logits, labels_BT)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

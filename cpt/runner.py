@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from cpt.checkpoint import latest_intact, read_meta, verify_checkpoint
+from cpt.checkpoint import latest_intact, list_checkpoints, read_meta, verify_checkpoint
 from cpt.errors import CptError
 from cpt.recipe import Recipe, load_recipe
 
@@ -62,10 +62,17 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False) -> Path:
+def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False,
+        auto_resume: bool = False) -> Path:
     """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory.
-    With ``resume``, continue the recipe's run directory from its newest intact checkpoint instead."""
+    With ``resume``, continue the recipe's run directory from its newest intact checkpoint instead. With
+    ``auto_resume`` (what slurm jobs run, so that a requeued job continues): resume when the run directory has
+    a checkpoint, else start the run, replacing one that was stopped before it wrote any checkpoint."""
+    if auto_resume and (resume or overwrite):
+        raise CptError("--auto-resume chooses between resuming and starting by itself; drop --resume/--overwrite")
     recipe, base_dir = load_recipe(recipe_path, overrides)
+    if auto_resume:
+        resume, overwrite = bool(list_checkpoints(recipe.run_dir)), True
     if resume:
         return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"))
     return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path)

@@ -25,11 +25,18 @@ stage (one run gives many D points, as the D-CPT paper uses them), with N (non-e
 parameters), D (CPT tokens so far), r (the domain share) and the general (upstream) and domain (downstream)
 eval losses. A failed run gets one ``status=failed`` row and is retried by the next ``cpt sweep``; finished
 runs are skipped.
+
+``cpt sweep SWEEP --point I`` runs grid point I alone and ``--base SIZE`` one base run: what the tasks of a slurm
+job array run (``cpt sweep SWEEP --slurm``, see ``cpt.slurm``). Tasks that finish together update the results
+table one at a time under a lock. A run stopped by SIGUSR1/SIGTERM (preemption) writes a checkpoint and leaves a
+``logs/<id>.preempted`` marker; the next attempt at it resumes from the checkpoint instead of starting over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import os
@@ -38,11 +45,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
-from cpt.config import build, check, field
+from cpt import preemption
+from cpt.config import build, check, field, suggest
 from cpt.errors import CptError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -257,6 +265,23 @@ def read_results(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``PATH.lock`` (fcntl.flock; the lock goes with the file's closing)."""
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def record(path: Path, run_id: str, rows: list[dict]) -> list[dict]:
+    """Replace ``run_id``'s rows of the results table with ``rows``: read, modify and write under the table's lock,
+    so that runs finishing at once (slurm array tasks) do not lose each other's rows. Returns the new table."""
+    with locked(path):
+        table = [row for row in read_results(path) if row["run_id"] != run_id] + rows
+        write_results(path, table)
+    return table
+
+
 def write_results(path: Path, rows: list[dict]) -> None:
     """Rewrite the table atomically (a crash mid-write leaves the previous table)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -268,19 +293,117 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def execute(job: Job, log_dir: Path) -> tuple[bool, str]:
-    """Run one job's ``cpt`` command; returns (ok, the last error line of its log)."""
+    """Run one job's ``cpt`` command; returns (ok, the last error line of its log). A job that was preempted
+    last time resumes from its newest checkpoint.
+
+    Raises:
+        Preempted: the run was stopped by SIGUSR1/SIGTERM (passed on to it) after writing a checkpoint.
+    """
+    from cpt.checkpoint import list_checkpoints
+
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{job.id}.log"
-    with open(log_path, "w") as out:
-        out.write("$ cpt " + " ".join(job.command) + "\n")
+    log_path, marker = log_dir / f"{job.id}.log", log_dir / f"{job.id}.preempted"
+    resuming = marker.exists() and bool(list_checkpoints(job.run_dir))
+    command = ["resume", str(job.run_dir)] if resuming else job.command
+    with open(log_path, "a" if resuming else "w") as out:
+        out.write("$ cpt " + " ".join(command) + "\n")
         out.flush()
-        code = subprocess.run([sys.executable, "-m", "cpt", *job.command], stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        process = subprocess.Popen([sys.executable, "-m", "cpt", *command], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with preemption.forwarded_to(process):
+            code = process.wait()
+    if code == preemption.EXIT_CODE:
+        marker.touch()
+        raise preemption.Preempted(f"{job.id} stopped after writing a checkpoint; the next attempt resumes it")
+    marker.unlink(missing_ok=True)
     if code == 0:
         return True, ""
     lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("cpt: error")]
     return False, (errors or lines or [f"exit code {code}"])[-1][:300]
+
+
+def base_done(sweep: Sweep, job: Job) -> bool:
+    return (sweep.final_checkpoint(job.run_dir) / "meta.json").is_file()
+
+
+def run_base_job(sweep: Sweep, job: Job) -> tuple[bool, str]:
+    """Run a size's base run unless it finished; returns (ok, error)."""
+    if base_done(sweep, job):
+        return True, ""
+    started = time.perf_counter()
+    ok, error = execute(job, sweep.dir / "logs")
+    log.info("%s: %s in %.0f s%s", job.id, "done" if ok else "FAILED", time.perf_counter() - started,
+             f": {error}" if error else "")
+    return ok, error
+
+
+def run_point_job(sweep: Sweep, job: Job, blocked: str | None = None) -> tuple[bool, str, list[dict]]:
+    """Run one swept-stage run (unless ``blocked`` says why it cannot) and record its rows, or one failed row.
+
+    Returns:
+        (ok, error, the results table after recording).
+    """
+    started = time.perf_counter()
+    ok, error = (False, blocked) if blocked else execute(job, sweep.dir / "logs")
+    rows = result_rows(sweep, job) if ok else []
+    if ok and not rows:
+        ok, error = False, "the run wrote no evaluation of both eval sets"
+    failed = [{"run_id": job.id, "status": "failed", "size": job.size, "r": job.r}]
+    table = record(sweep.results, job.id, rows or failed)
+    log.info("%s: %s in %.0f s%s", job.id, f"{len(rows)} rows" if ok else "FAILED", time.perf_counter() - started,
+             f": {error}" if error else "")
+    return ok, error, table
+
+
+def run_point(path: str | Path, index: int) -> Path:
+    """``cpt sweep SWEEP --point INDEX``: run grid point INDEX (a slurm array task) unless it finished; its size's
+    base run must have finished (``--base``). Returns the table path.
+
+    Raises:
+        CptError: no such point, or the run failed (its failed row is recorded).
+    """
+    sweep = Sweep(path)
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    grid = sweep.grid()
+    if not 0 <= index < len(grid):
+        raise CptError(f"--point {index}: the sweep has {len(grid)} grid points, 0 to {len(grid) - 1}")
+    job = sweep.cpt_job(*grid[index])
+    if any(row["run_id"] == job.id and row["status"] == "ok" for row in read_results(sweep.results)):
+        log.info("%s: finished already; results in %s", job.id, sweep.results)
+        return sweep.results
+    base = sweep.base_job(job.size)
+    blocked = None
+    if base is not None and not base_done(sweep, base):
+        blocked = (f"its base run {base.id} has not finished (`cpt sweep {path} --base {job.size}` runs it; see "
+                   f"logs/{base.id}.log)")
+    ok, error, _ = run_point_job(sweep, job, blocked)
+    if not ok:
+        raise CptError(f"{job.id} failed: {error}")
+    return sweep.results
+
+
+def run_base(path: str | Path, size: str) -> None:
+    """``cpt sweep SWEEP --base SIZE``: run the base run of SIZE (a name, or its 0-based index in ``sizes``) unless
+    it finished.
+
+    Raises:
+        CptError: no such size, or the run failed.
+    """
+    sweep = Sweep(path)
+    names = list(sweep.config.sizes)
+    if size.isdigit() and int(size) < len(names):
+        size = names[int(size)]
+    if size not in names:
+        raise CptError(f"--base: no size '{size}'{suggest(size, names)}; sizes: {', '.join(names)} "
+                       f"(or 0 to {len(names) - 1})")
+    job = sweep.base_job(size)
+    if job is None:
+        log.info("no base run: the swept stage '%s' is the base recipe's first", sweep.config.stage)
+        return
+    ok, error = run_base_job(sweep, job)
+    if not ok:
+        raise CptError(f"{job.id} failed: {error}")
 
 
 def run_sweep(path: str | Path, dry_run: bool = False) -> Path:
@@ -297,31 +420,11 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> Path:
         for job in [j for j in bases.values() if j] + [sweep.cpt_job(*p) for p in todo]:
             print(f"{job.id}: cpt " + " ".join(job.command))
         return sweep.results
-    failed_bases = set()
-    for size, job in bases.items():
-        if job is None or (sweep.final_checkpoint(job.run_dir) / "meta.json").is_file():
-            continue
-        started = time.perf_counter()
-        ok, error = execute(job, sweep.dir / "logs")
-        log.info("%s: %s in %.0f s%s", job.id, "done" if ok else "FAILED", time.perf_counter() - started,
-                 f": {error}" if error else "")
-        if not ok:
-            failed_bases.add(size)
+    failed_bases = {size for size, job in bases.items() if job is not None and not run_base_job(sweep, job)[0]}
     for point in todo:
-        job = sweep.cpt_job(*point)
-        started = time.perf_counter()
-        if point[0] in failed_bases:
-            ok, error = False, f"its base run base-{point[0]} failed (see logs/base-{point[0]}.log)"
-        else:
-            ok, error = execute(job, sweep.dir / "logs")
-        rows = result_rows(sweep, job) if ok else []
-        if ok and not rows:
-            ok, error = False, "the run wrote no evaluation of both eval sets"
-        table = [row for row in table if row["run_id"] != job.id]
-        table += rows or [{"run_id": job.id, "status": "failed", "size": job.size, "r": job.r}]
-        write_results(sweep.results, table)
-        log.info("%s: %s in %.0f s%s", job.id, f"{len(rows)} rows" if ok else "FAILED",
-                 time.perf_counter() - started, f": {error}" if error else "")
+        size = point[0]
+        blocked = f"its base run base-{size} failed (see logs/base-{size}.log)" if size in failed_bases else None
+        table = run_point_job(sweep, sweep.cpt_job(*point), blocked)[2]
     failed = sorted({row["run_id"] for row in table if row["status"] == "failed"})
     if failed:
         log.warning("%d run(s) failed: %s; fix the cause and run `cpt sweep %s` again to retry them", len(failed),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt import __version__
+from cpt import __version__, preemption
 from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, read_meta, rng_state,
                             save_checkpoint, set_rng_state, verify_checkpoint)
 from cpt.data.loader import eval_sequences
@@ -47,11 +47,20 @@ class TrainState:
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not."""
+    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not.
+
+    The fused kernel (one kernel per tensor group) where torch has it for the parameters' device (CUDA; CPU since
+    torch 2.4), as the HF Trainer's default ``adamw_torch_fused``; on a 2-core CPU it measured the same as the
+    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput").
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    options = dict(lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, **options)
 
 
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
@@ -81,7 +90,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
         with sync:
             with accelerator.autocast():
                 inputs_BT, labels_BT = batch[:, :-1], batch[:, 1:]
-                logits_BTV = model(input_ids=inputs_BT).logits
+                # use_cache=False: a training forward has no use for the KV cache HF builds by default.
+                logits_BTV = model(input_ids=inputs_BT, use_cache=False).logits
                 ce_sum = cross_entropy_sum(logits_BTV, labels_BT)
                 objective = ce_sum / step_tokens
                 if distill is not None:
@@ -95,17 +105,23 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
                     l2_value = penalty.detach()
             accelerator.backward(objective)
         sums["loss"] += ce_sum.detach()
-    metrics = {"loss": accelerator.reduce(sums["loss"], "mean").item() / step_tokens}
+    reduced = {"loss": accelerator.reduce(sums["loss"], "mean"),
+               **({"kl": accelerator.reduce(sums["kl"], "mean")} if distill is not None else {}),
+               **({"l2": accelerator.reduce(l2_value, "mean")} if l2_value is not None else {})}
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = accelerator.clip_grad_norm_(params, grad_clip or float("inf"))
+    # One host-device sync per step (not one per value): the loss terms and the gradient norm come back
+    # together. Clipping before the loss check changes nothing: a non-finite step zeroes the gradients and raises.
+    values = [v.float() for v in reduced.values()]
+    *host, grad_norm = torch.stack(values + [torch.as_tensor(norm, device=values[0].device).float()]).tolist()
+    metrics = dict(zip(reduced, host))
+    metrics["loss"] /= step_tokens
     if distill is not None:
-        metrics["kl"] = accelerator.reduce(sums["kl"], "mean").item() / max(distilled, 1)
-    if l2_value is not None:
-        metrics["l2"] = accelerator.reduce(l2_value, "mean").item()
+        metrics["kl"] /= max(distilled, 1)
     total = metrics["loss"] + metrics.get("kl", 0.0) + metrics.get("l2", 0.0)
     if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"loss is {metrics['loss']}" + (f" (objective {total})" if total != metrics["loss"] else ""))
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip or float("inf")))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"gradient norm is {grad_norm}")
@@ -191,8 +207,12 @@ class Trainer:
         first, start_step = 0, 0
         if resume_from is not None:
             first, start_step = self.restore(resume_from)
-        for index in range(first, len(self.recipe.stages)):
-            self.run_stage(index, self.recipe.stages[index], start_step if index == first else 0)
+        stages = self.recipe.stages
+        with preemption.stop_signals():
+            for index in range(first, len(stages)):
+                self.run_stage(index, stages[index], start_step if index == first else 0)
+                if index + 1 < len(stages):
+                    self.stop_if_asked(stages[index], self.optimizer, self.recipe.train.stage_steps(stages[index]))
 
     def carry_over(self, optimizer_state: dict | None, data_state: dict | None) -> None:
         """For a branch: start the first stage with a parent's optimizer state and/or data cursors."""
@@ -280,6 +300,8 @@ class Trainer:
             every = self.recipe.checkpoint.every
             if every and self.state.global_step % every == 0 and t < steps:
                 self.save(stage, optimizer, steps)
+            if t < steps:  # a stop asked for during the stage's last step waits for its final checkpoint
+                self.stop_if_asked(stage, optimizer, steps)
         self.evaluate_all(stage)
         for source, tokens in self.stream.stage_tokens().items():
             self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
@@ -366,6 +388,19 @@ class Trainer:
             prune(self.run_dir, self.recipe.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = target
+
+    def stop_if_asked(self, stage: StageConfig, optimizer, steps: int) -> None:
+        """At a step boundary: when a stop signal reached any rank, write a checkpoint (unless this step already
+        has one) and raise ``Preempted``, so that the process exits and a requeued job resumes from here."""
+        if not preemption.stop_agreed(self.accelerator):
+            return
+        if self.last_checkpoint != checkpoint_dir(self.run_dir, stage.name, self.state.global_step):
+            self.save(stage, optimizer, steps)
+        if self.accelerator.is_main_process:
+            log.warning("stopping on %s at global step %d: checkpoint %s; exit code %d, `cpt run RECIPE --resume` "
+                        "continues from it", preemption.received() or "a stop signal on another rank",
+                        self.state.global_step, self.last_checkpoint, preemption.EXIT_CODE)
+        raise preemption.Preempted(str(self.last_checkpoint))
 
     def _progress(self, stage: StageConfig, steps: int):
         """A progress bar on a terminal; plain log lines every ``train.log_every`` steps otherwise."""

@@ -17,7 +17,9 @@ from cpt.errors import CptError, RecipeError
 from cpt.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+# Shipped sweep files (`cpt sweep`) are named sweep-*.yaml; every other YAML in recipes/ is a recipe.
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("sweep-"))
+SWEEPS = sorted((ROOT / "recipes").glob("sweep-*.yaml"))
 
 
 @pytest.fixture
@@ -317,6 +319,16 @@ def test_shipped_recipe_validates(path):
     assert base == path.parent
     assert recipe.name
     assert all(recipe.train.stage_steps(s) > 0 for s in recipe.stages)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_shipped_sweep_validates(path):
+    from cpt.sweep import Sweep
+
+    sweep = Sweep(path)  # validates the base recipe under every size's overrides
+    config = sweep.config
+    assert len(sweep.grid()) == len(config.sizes) * len(config.tokens or [None]) * len(config.ratios) > 1
+    assert sweep.base.is_file() and sweep.base.parent == path.parent
 
 
 # --- cpt check -----------------------------------------------------------------------------------------------

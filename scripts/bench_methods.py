@@ -241,16 +241,7 @@ def machine() -> dict[str, str]:
 
 
 def code_version() -> str:
-    """The commit, and whether the package had uncommitted changes when it was measured."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpt"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    changed = [p for p in dirty if p.startswith("cpt/")]
-    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+    return benchmarks_md.code_version("cpt")
 
 
 def mib(n: float) -> str:

@@ -399,15 +399,7 @@ def machine() -> dict[str, str]:
 
 
 def code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpt/trainer.py", "cpt/model.py"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    changed = [p for p in dirty if p.startswith("cpt/")]
-    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+    return benchmarks_md.code_version("cpt/trainer.py", "cpt/model.py")
 
 
 def mib(n: float) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INTRO = """# Benchmarks
 
@@ -34,3 +37,16 @@ def machine(**versions: str) -> dict[str, str]:
     except (OSError, StopIteration):
         pass
     return {"nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu, "python": platform.python_version(), **versions}
+
+
+def code_version(*paths: str) -> str:
+    """The commit, and which of ``paths`` (relative to the repository) had uncommitted changes when measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    changed = [p for p in dirty if p.startswith("cpt/")]
+    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")

@@ -89,8 +89,14 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def staging_dir(target: Path) -> Path:
+    """Where a checkpoint written by several processes is assembled before it is renamed to ``target``."""
+    return target.with_name(f".{target.name}-staging")
+
+
 def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dict, config: dict,
-                    write_extra: Callable[[Path], object] | None = None) -> Path:
+                    write_extra: Callable[[Path], object] | None = None, staging: Path | None = None,
+                    state_dict: dict | None = None) -> Path:
     """Write a complete checkpoint to ``target`` atomically (an existing one there is replaced).
 
     Args:
@@ -99,11 +105,14 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         meta: readable fields for ``meta.json`` (stage, steps, tokens...).
         config: the resolved recipe as a plain dict.
         write_extra: writes more files into the directory before it is hashed (e.g. LoRA adapters).
+        staging: a directory beside ``target`` that other processes already wrote parts into (DeepSpeed's
+            per-rank optimizer shards); it is completed and renamed like a fresh temporary directory.
+        state_dict: the model's weights when ``model`` does not hold them whole (gathered from ZeRO-3).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = staging or Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -83,14 +83,21 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, batch_size: int, acceler
     """Loss, perplexity and bits-per-byte of ``model`` on ``eval_set``; ranks split the windows and sum."""
     was_training = model.training
     model.eval()
-    rows = eval_set.sequences[accelerator.process_index::accelerator.num_processes]
+    world = accelerator.num_processes
+    rows = eval_set.sequences[accelerator.process_index::world]
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(rows[start:start + batch_size]).to(accelerator.device)
+    # Every rank runs the same number of forwards: under ZeRO-3 each one gathers weights from all ranks. A rank
+    # whose share has run out repeats the set's first window and does not count it.
+    shares = -(-len(eval_set.sequences) // world)
+    for start in range(0, shares, batch_size):
+        part = rows[start:start + batch_size]
+        batch = torch.from_numpy(part if len(part) else eval_set.sequences[:1]).to(accelerator.device)
         with accelerator.autocast():
-            loss_sum += token_loss_sum(model, batch[:, :-1], batch[:, 1:]).double()
-        count += batch[:, 1:].numel()
+            loss = token_loss_sum(model, batch[:, :-1], batch[:, 1:]).double()
+        if len(part):
+            loss_sum += loss
+            count += batch[:, 1:].numel()
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)
     loss = (loss_sum / count).item()

@@ -20,6 +20,7 @@ import yaml
 from cpt.checkpoint import CheckpointConfig
 from cpt.config import ConfigValueError, apply_overrides, build, check, field, suggest, to_dict
 from cpt.data.replay import ReplayConfig
+from cpt.distributed import DistributedConfig, check_stages
 from cpt.methods.distill import DistillConfig
 from cpt.methods.freezing import HFTConfig
 from cpt.methods.l2 import L2InitConfig
@@ -155,6 +156,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig, doc="data budget limits and the replay buffer")
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, doc="checkpoint cadence")
     run: RunConfig = field(default_factory=RunConfig, doc="run directory and seed")
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           doc="engine across processes: ddp, or deepspeed with a ZeRO stage")
     wandb: WandbConfig = field(default_factory=WandbConfig, doc="Weights & Biases logging")
 
     def __post_init__(self):
@@ -200,6 +203,7 @@ class Recipe:
                       f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
         check(self.tokenizer.path or self.tokenizer.train or self.model.init != "scratch", "tokenizer",
               "a scratch model needs tokenizer.path or tokenizer.train")
+        check_stages(self.distributed, self.stages, self.train.mixed_precision)
 
     @property
     def run_dir(self) -> Path:

@@ -102,8 +102,10 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
     lineage = {"parent_run": str(path.parent.parent.parent), "checkpoint": str(path), "stage": meta["stage"],
                "step": meta["global_step"], "parent_recipe_fingerprint": meta["recipe_fingerprint"],
                "with_optimizer": with_optimizer, "with_data": with_data}
+    from cpt.trainer import optimizer_state
+
     state = torch.load(path / "train_state.pt", weights_only=True) if (with_optimizer or with_data) else {}
-    carry = {"optimizer": state.get("optimizer") if with_optimizer else None,
+    carry = {"optimizer": optimizer_state(path, state) if with_optimizer else None,
              "data": state.get("data") if with_data else None}
     return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path)
 
@@ -143,19 +145,16 @@ def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_fro
              keep_rows: int | None = None, lineage: dict | None = None, carry: dict | None = None,
              recipe_path: str | None = None) -> Path:
     """Build everything in dependency order and train: accelerator -> run dir -> data -> model -> trainer."""
-    import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from cpt.data.prepare import prepare
+    from cpt.distributed import make_accelerator
     from cpt.metrics import MetricsLogger
     from cpt.model import build_model
     from cpt.report import write_report
     from cpt.trainer import Trainer
 
-    # cpu=True without a GPU makes Accelerate start gloo when launched with several processes (torchrun).
-    accelerator = Accelerator(mixed_precision=resolve_precision(recipe.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(recipe, resolve_precision(recipe.train.mixed_precision), base_dir)
     setup_logging(accelerator.is_main_process)
     run_dir = recipe.run_dir
     config_text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)

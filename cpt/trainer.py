@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt import __version__, preemption
+from cpt import __version__, distributed, preemption
 from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, read_meta, rng_state,
-                            save_checkpoint, set_rng_state, verify_checkpoint)
+                            save_checkpoint, set_rng_state, staging_dir, verify_checkpoint)
 from cpt.data.loader import eval_sequences
 from cpt.data.mixing import rank_rows
 from cpt.data.stream import DataStream
@@ -46,17 +47,22 @@ class TrainState:
     tokens: int = 0
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, cpu_adam: bool = False) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not.
 
     The fused kernel (one kernel per tensor group) where torch has it for the parameters' device (CUDA; CPU since
     torch 2.4), as the HF Trainer's default ``adamw_torch_fused``; on a 2-core CPU it measured the same as the
-    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput").
+    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput"). With ``cpu_adam``
+    (DeepSpeed optimizer offload) DeepSpeed's CPU AdamW, the same update run on the CPU copies of the state.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     options = dict(lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **options)
     try:
         return torch.optim.AdamW(groups, fused=True, **options)
     except RuntimeError:  # no fused kernel for this device or dtype
@@ -72,6 +78,9 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     (``replay_rows`` marks the rows from replay sources) and ``+ lambda * ||theta - theta_0||^2`` once per step.
     Non-finite loss or gradients raise before the optimizer step, leaving the weights untouched.
 
+    Under DeepSpeed ``model`` is its engine: it reduces the gradients at the last micro-batch, clips them to
+    ``gradient_clipping`` (set from ``grad_clip``) and skips the update itself when their norm is not finite.
+
     Returns:
         ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``
         when those methods are active.
@@ -83,10 +92,11 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     distilled = sum(b[:, 1:].numel() if m is None else int(m.sum()) for b, m in zip(micro_batches, masks))
     sums = {"loss": torch.zeros((), device=accelerator.device), "kl": torch.zeros((), device=accelerator.device)}
     l2_value = None
+    deepspeed = distributed.is_deepspeed(accelerator)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # Only the last micro-batch all-reduces gradients across ranks.
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        # Only the last micro-batch all-reduces gradients across ranks (DeepSpeed counts micro-batches itself).
+        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
                 inputs_BT, labels_BT = batch[:, :-1], batch[:, 1:]
@@ -103,31 +113,65 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
                     penalty = l2.penalty(accelerator.unwrap_model(model))
                     objective = objective + penalty
                     l2_value = penalty.detach()
-            accelerator.backward(objective)
+            if deepspeed:
+                # The objective is already a per-token mean over the whole step: no division by grad_accum.
+                model.backward(objective, scale_wrt_gas=False)
+                if not last:
+                    model.step()  # a micro-step: DeepSpeed only advances its counter
+            else:
+                accelerator.backward(objective)
         sums["loss"] += ce_sum.detach()
     reduced = {"loss": accelerator.reduce(sums["loss"], "mean"),
                **({"kl": accelerator.reduce(sums["kl"], "mean")} if distill is not None else {}),
                **({"l2": accelerator.reduce(l2_value, "mean")} if l2_value is not None else {})}
+    if deepspeed:
+        return _deepspeed_update(model, optimizer, reduced, step_tokens, distilled, distill is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = accelerator.clip_grad_norm_(params, grad_clip or float("inf"))
     # One host-device sync per step (not one per value): the loss terms and the gradient norm come back
     # together. Clipping before the loss check changes nothing: a non-finite step zeroes the gradients and raises.
     values = [v.float() for v in reduced.values()]
     *host, grad_norm = torch.stack(values + [torch.as_tensor(norm, device=values[0].device).float()]).tolist()
-    metrics = dict(zip(reduced, host))
-    metrics["loss"] /= step_tokens
-    if distill is not None:
-        metrics["kl"] /= max(distilled, 1)
-    total = metrics["loss"] + metrics.get("kl", 0.0) + metrics.get("l2", 0.0)
-    if not math.isfinite(total):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"loss is {metrics['loss']}" + (f" (objective {total})" if total != metrics["loss"] else ""))
+    metrics = _step_metrics(dict(zip(reduced, host)), step_tokens, distilled, distill is not None, optimizer)
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"gradient norm is {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**metrics, "grad_norm": grad_norm}
+
+
+def _step_metrics(sums: dict[str, float], step_tokens: int, distilled: int, distill: bool, optimizer) -> dict:
+    """Per-token loss terms from their sums; raises (gradients dropped) when the objective is not finite."""
+    metrics = dict(sums)
+    metrics["loss"] /= step_tokens
+    if distill:
+        metrics["kl"] /= max(distilled, 1)
+    total = metrics["loss"] + metrics.get("kl", 0.0) + metrics.get("l2", 0.0)
+    if not math.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"loss is {metrics['loss']}" + (f" (objective {total})" if total != metrics["loss"] else ""))
+    return metrics
+
+
+def _deepspeed_update(engine, optimizer, reduced: dict, step_tokens: int, distilled: int, distill: bool) -> dict:
+    """The end of a DeepSpeed step: check the loss, then let the engine reduce, clip and update."""
+    values = torch.stack([v.float() for v in reduced.values()]).tolist()
+    metrics = _step_metrics(dict(zip(reduced, values)), step_tokens, distilled, distill, optimizer)
+    engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    if not math.isfinite(grad_norm):  # DeepSpeed skipped the update and dropped the gradients
+        raise NonFiniteLossError(f"gradient norm is {grad_norm}")
+    return {**metrics, "grad_norm": grad_norm}
+
+
+def optimizer_state(path: Path, train_state: dict) -> dict | Path | None:
+    """A checkpoint's optimizer state: the torch state dict, or for DeepSpeed the directory of its shards."""
+    if train_state.get("optimizer") is not None:
+        return train_state["optimizer"]
+    shards = path / distributed.DEEPSPEED_DIR
+    return shards if shards.is_dir() else None
 
 
 def log_budget(rows: list[dict]) -> None:
@@ -147,7 +191,10 @@ class Trainer:
                  lineage: dict | None = None):
         self.recipe, self.run_dir, self.data, self.lineage = recipe, run_dir, data, lineage
         self.accelerator, self.metrics = accelerator, metrics
-        self.model = accelerator.prepare(model)
+        # DeepSpeed wraps model and optimizer together, once per stage (``stage_optimizer``).
+        self.deepspeed = distributed.is_deepspeed(accelerator)
+        self.module_dtype = next(model.parameters()).dtype
+        self.model = model if self.deepspeed else accelerator.prepare(model)
         seq_len = recipe.train.seq_len
         self.stream = DataStream(data.corpora, recipe.stages, [recipe.train.stage_steps(s) for s in recipe.stages],
                                  seq_len, self.global_batch, recipe.run.seed, recipe.data.max_epochs,
@@ -172,8 +219,12 @@ class Trainer:
         self._optimizer_state: dict | None = None  # loaded into the next stage optimizer (resume, branch)
         self.last_checkpoint: Path | None = None
         trainable, total = count_parameters(model)
-        log.info("model: %s parameters (%s trainable); %d process(es) on %s, precision %s", f"{total:,}",
-                 f"{trainable:,}", accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
+        engine = f"DeepSpeed ZeRO-{distributed.zero_stage(accelerator)}" if self.deepspeed else "DDP"
+        train = recipe.train
+        log.info("model: %s parameters (%s trainable); %d process(es) on %s (%s), precision %s; global batch %d = "
+                 "micro-batch %d x grad_accum %d x %d process(es)", f"{total:,}", f"{trainable:,}",
+                 accelerator.num_processes, accelerator.device, engine, accelerator.mixed_precision,
+                 self.global_batch, train.micro_batch, train.grad_accum, accelerator.num_processes)
 
     @property
     def global_batch(self) -> int:
@@ -192,7 +243,11 @@ class Trainer:
                 [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, train.grad_accum, world, rank)])
 
     def dry_run(self) -> None:
-        """One forward and backward pass on a full micro-batch, so memory errors show before any training."""
+        """One forward and backward pass on a full micro-batch, so memory errors show before any training.
+        Not under DeepSpeed: its memory is that of the engine, built when the first stage starts, and a
+        backward through the engine would leave gradients in its buffers."""
+        if self.deepspeed:
+            return
         source = self.stream.sources[self.stream.schedules[0].names[0]]
         rows = source.gather(np.arange(self.recipe.train.micro_batch) % len(source))
         batch = torch.from_numpy(rows).to(self.accelerator.device)
@@ -230,7 +285,7 @@ class Trainer:
         load_weights(self.accelerator.unwrap_model(self.model), path)
         self.state = TrainState(**train_state["counters"])
         self.stream.load_state_dict(train_state["data"])
-        self._optimizer_state = train_state["optimizer"]
+        self._optimizer_state = optimizer_state(path, train_state)
         set_rng_state(train_state["rng"])
         self.last_checkpoint = path
         steps = self.recipe.train.stage_steps(self.recipe.stages[self.state.stage_index])
@@ -242,14 +297,38 @@ class Trainer:
 
     def stage_optimizer(self, stage: StageConfig):
         """The stage's optimizer: fresh by default (Ibrahim et al. reset optimizer state between datasets), or
-        the previous stage's with ``reset_optimizer: false``; a resumed run loads the saved state into it."""
+        the previous stage's with ``reset_optimizer: false``; a resumed run loads the saved state into it.
+        Under DeepSpeed a fresh optimizer comes with a new engine around the stage's model."""
         if stage.reset_optimizer or self.optimizer is None:
-            self.optimizer = self.accelerator.prepare(build_optimizer(self.model, self.recipe.train,
-                                                                      stage.schedule.peak_lr))
+            module = self.accelerator.unwrap_model(self.model)
+            optimizer = build_optimizer(module, self.recipe.train, stage.schedule.peak_lr,
+                                        cpu_adam=self.deepspeed and self.recipe.distributed.offload_optimizer)
+            if self.deepspeed:
+                self.accelerator.free_memory()  # the previous stage's engine
+                self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
+            else:
+                self.optimizer = self.accelerator.prepare(optimizer)
         if self._optimizer_state is not None:
-            self.optimizer.load_state_dict(self._optimizer_state)
+            self.load_optimizer_state(self._optimizer_state)
             self._optimizer_state = None
         return self.optimizer
+
+    def load_optimizer_state(self, state: dict | Path) -> None:
+        """A torch optimizer state dict (DDP checkpoints), or a checkpoint's ``deepspeed/`` directory: ZeRO
+        state split per rank, loadable only by a DeepSpeed run with the same number of processes."""
+        if isinstance(state, dict) == self.deepspeed:
+            ours, theirs = ("DeepSpeed", "DDP") if self.deepspeed else ("DDP", "DeepSpeed")
+            raise CptError(f"this run uses {ours} but the optimizer state comes from a {theirs} checkpoint; use the "
+                           "same distributed.engine, or start without it (cpt branch without --with-optimizer)")
+        if isinstance(state, dict):
+            self.optimizer.load_state_dict(state)
+            return
+        world = (read_meta(state.parent) or {}).get("world_size")
+        if world != self.accelerator.num_processes:
+            raise CptError(f"{state.parent} holds ZeRO optimizer state split over {world} processes; run with "
+                           f"{world} processes, or branch from it without --with-optimizer (weights only)")
+        self.model.load_checkpoint(state, tag=distributed.DEEPSPEED_TAG, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
 
     def run_stage(self, index: int, stage: StageConfig, start_step: int = 0) -> None:
         train, steps = self.recipe.train, self.recipe.train.stage_steps(stage)
@@ -312,7 +391,16 @@ class Trainer:
                           "step": self.state.global_step, "seconds": round(seconds, 3),
                           "eval_seconds": round(eval_seconds, 3)})
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
-        self.model = self.accelerator.prepare(self.methods.finish(self.accelerator.unwrap_model(self.model)))
+        module = self.accelerator.unwrap_model(self.model)
+        following = self.recipe.stages[index + 1] if index + 1 < len(self.recipe.stages) else None
+        if self.deepspeed and (following is None or following.reset_optimizer):
+            # The next stage gets a new engine; this one's model goes back to plain whole weights for it.
+            module = distributed.plain_module(self.model, self.module_dtype)
+        module = self.methods.finish(module)
+        if not self.deepspeed:
+            self.model = self.accelerator.prepare(module)
+        elif module is not self.accelerator.unwrap_model(self.model):
+            self.model = module
         self.methods = None
 
     def start_methods(self, index: int, stage: StageConfig, resumed: bool) -> None:
@@ -326,7 +414,10 @@ class Trainer:
             if needs_start_weights(stage):
                 start_state = self.stage_start_state(index, stage)
         model = self.methods.setup(self.accelerator.unwrap_model(self.model), start_state, resume_from, selection)
-        self.model = self.accelerator.prepare(model)
+        if not self.deepspeed:
+            self.model = self.accelerator.prepare(model)
+        elif model is not self.accelerator.unwrap_model(self.model):
+            self.model = model  # wrapped with a fresh optimizer by stage_optimizer
 
     def stage_start_state(self, index: int, stage: StageConfig) -> dict[str, torch.Tensor]:
         """The weights a stage started from: its start_from stage's or the previous stage's final checkpoint,
@@ -370,20 +461,36 @@ class Trainer:
                      " | ".join(parts))
 
     def save(self, stage: StageConfig, optimizer, steps: int) -> None:
+        """Write a checkpoint. Under DeepSpeed every rank first writes its ZeRO optimizer shard into the
+        checkpoint's staging directory, and the whole weights are gathered for the model files."""
         target = checkpoint_dir(self.run_dir, stage.name, self.state.global_step)
         self.accelerator.wait_for_everyone()
+        staging, weights = None, None
+        if self.deepspeed:
+            staging = staging_dir(target)
+            if self.accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self.model.save_checkpoint(staging / distributed.DEEPSPEED_DIR, tag=distributed.DEEPSPEED_TAG,
+                                       save_latest=False)
+            weights = {k: v.to(self.module_dtype) if v.is_floating_point() else v
+                       for k, v in distributed.full_state_dict(self.model).items()}
         if self.accelerator.is_main_process:
-            train_state = {"optimizer": optimizer.state_dict(), "counters": asdict(self.state),
-                           "data": self.stream.state_dict(), "rng": rng_state()}
+            train_state = {"optimizer": None if self.deepspeed else optimizer.state_dict(),
+                           "counters": asdict(self.state), "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
                     "metrics_rows": self.metrics.rows, "lineage": self.lineage,
                     "stage_complete": self.state.stage_step == steps, "world_size": self.accelerator.num_processes,
+                    "engine": self.recipe.distributed.engine,
                     "recipe_fingerprint": self.recipe.fingerprint(),
                     "data_fingerprint": self.stream.fingerprint(self.state.stage_index),
                     "tokenizer_fingerprint": self.data.tokenizer_fingerprint, "cpt_version": __version__}
             meta["methods"] = self.methods.record()
-            model, write_extra = self.methods.checkpoint_parts(self.accelerator.unwrap_model(self.model))
-            save_checkpoint(target, model, self.data.tokenizer, train_state, meta, self.recipe.to_dict(), write_extra)
+            module = self.accelerator.unwrap_model(self.model)
+            model, write_extra = self.methods.checkpoint_parts(module)
+            save_checkpoint(target, model, self.data.tokenizer, train_state, meta, self.recipe.to_dict(), write_extra,
+                            staging=staging, state_dict=weights if model is module else None)
             log.info("checkpoint: %s", target)
             prune(self.run_dir, self.recipe.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()

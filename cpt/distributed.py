@@ -147,7 +147,7 @@ def make_accelerator(recipe, precision: str, base_dir: Path):
         return Accelerator(mixed_precision=precision, cpu=not gpu)
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe.distributed, recipe.train, precision, base_dir))
     handlers = [] if gpu else [InitProcessGroupKwargs(backend="gloo")]
-    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # the recipe decides, whatever a launcher exported
     return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin, kwargs_handlers=handlers)
 
 

@@ -47,22 +47,19 @@ class TrainState:
     tokens: int = 0
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, cpu_adam: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.AdamW:
     """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not.
 
     The fused kernel (one kernel per tensor group) where torch has it for the parameters' device (CUDA; CPU since
     torch 2.4), as the HF Trainer's default ``adamw_torch_fused``; on a 2-core CPU it measured the same as the
-    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput"). With ``cpu_adam``
-    (DeepSpeed optimizer offload) DeepSpeed's CPU AdamW, the same update run on the CPU copies of the state.
+    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput"). With DeepSpeed's
+    optimizer offload, Accelerate swaps it for DeepSpeed's CPU AdamW with the same groups: hand it a
+    ``torch.optim.AdamW`` (any other class becomes Adam with L2 decay there).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     options = dict(lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
-    if cpu_adam:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **options)
     try:
         return torch.optim.AdamW(groups, fused=True, **options)
     except RuntimeError:  # no fused kernel for this device or dtype
@@ -301,8 +298,7 @@ class Trainer:
         Under DeepSpeed a fresh optimizer comes with a new engine around the stage's model."""
         if stage.reset_optimizer or self.optimizer is None:
             module = self.accelerator.unwrap_model(self.model)
-            optimizer = build_optimizer(module, self.recipe.train, stage.schedule.peak_lr,
-                                        cpu_adam=self.deepspeed and self.recipe.distributed.offload_optimizer)
+            optimizer = build_optimizer(module, self.recipe.train, stage.schedule.peak_lr)
             if self.deepspeed:
                 self.accelerator.free_memory()  # the previous stage's engine
                 self.model, self.optimizer = self.accelerator.prepare(module, optimizer)

@@ -33,7 +33,9 @@ def launch(world: int, *args: str, log: Path, script: Path | None = None) -> sub
     """``cpt ARGS`` (or ``script ARGS``) under torchrun with ``world`` CPU processes (gloo), one torch thread
     each, output to ``log`` (a file, not a pipe: a full pipe nobody reads would block the job)."""
     program = [str(script)] if script else ["-m", "cpt"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), *program, *args]
+    # --standalone: a free port of its own, so that launches running side by side (pytest -n) do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               *program, *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc.log = log

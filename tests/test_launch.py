@@ -273,15 +273,17 @@ def test_single_node_job_runs_two_processes(reference_run):
 
 
 def test_multi_node_job_runs_one_launcher_per_node(reference_run, base_recipe, tmp_path):
-    """2 nodes x 1 "GPU" (two `accelerate launch`es, machine ranks 0 and 1), with --resume into a run directory
-    left by a job stopped before its first checkpoint: the job starts the run afresh."""
+    """2 nodes x 1 "GPU" (two `accelerate launch`es, machine ranks 0 and 1) training with DeepSpeed ZeRO-3 (set by
+    command-line overrides, which the script passes on), with --resume into a run directory left by a job
+    stopped before its first checkpoint: the job starts the run afresh."""
     path, run_dir = recipe_at(base_recipe, "multi")
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"recipe": None, "base_dir": str(path.parent), "lineage": None}))
     (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 99.0}\n')
     env = install_stubs(tmp_path)
     record = Path(env["STUB_DIR"])
-    result = cpt("launch", str(path), "--slurm", "--nodes", "2", "--gpus-per-node", "1", "--resume", env=env)
+    overrides = ["distributed.engine=deepspeed", "distributed.zero_stage=3"]
+    result = cpt("launch", str(path), *overrides, "--slurm", "--nodes", "2", "--gpus-per-node", "1", "--resume", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     job, log = job_log(run_dir, result.stdout)
     assert calls(record, "scontrol") == [["show", "hostnames", "localhost,localhost"]]
@@ -289,15 +291,15 @@ def test_multi_node_job_runs_one_launcher_per_node(reference_run, base_recipe, t
     assert srun[:5] == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
     assert srun[6:] == [sys.executable, "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
                         "--main_process_ip", "localhost", "--main_process_port", str(10000 + int(job) % 20000),
-                        "-m", "cpt", "run", str(path), "--auto-resume"]
-    assert "2 process(es)" in log and "resuming" not in log
-    # the stale row is gone; the same global batch on 2 ranks as the 1-node job gives the same losses (the
-    # all-reduce sums in another order across "nodes", so not bit for bit)
+                        "-m", "cpt", "run", str(path), *overrides, "--auto-resume"]
+    assert "2 process(es) on cpu (DeepSpeed ZeRO-3)" in log and "resuming" not in log
+    # the stale row is gone; the same global batch on 2 ranks as the 1-node DDP job gives the same losses (ZeRO-3
+    # reduces gradients in another order across "nodes", so not bit for bit: 1.6e-5 apart at most after 66 steps)
     rows, reference = read_rows(run_dir), read_rows(reference_run[0])
     keys = [[(r["kind"], r["step"], r.get("set")) for r in run] for run in (rows, reference)]
     assert keys[0] == keys[1]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses == pytest.approx([r["loss"] for r in reference if "loss" in r], rel=1e-5)
+    assert losses == pytest.approx([r["loss"] for r in reference if "loss" in r], rel=1e-4)
 
 
 def test_requeued_job_checkpoints_on_sigusr1_and_resumes_bit_identically(reference_run, base_recipe, tmp_path):

@@ -7,6 +7,8 @@
 - ``train_state.pt``: optimizer, schedule step, data-sampler state and RNG states (tensors and plain
   Python values only, loadable with ``torch.load(weights_only=True)``);
 - ``config.yaml``: the resolved recipe;
+- under DeepSpeed, ``deepspeed/state/``: every rank's ZeRO optimizer shard (and fp32 master weights) in
+  DeepSpeed's own format, written by the ranks into the same temporary directory (``staging_dir``);
 - ``meta.json``: readable metadata and the size and sha256 of every file, to detect truncation.
 
 Everything is written to a temporary directory beside the target, fsynced, and renamed when complete.

@@ -125,6 +125,10 @@ def test_zero3_resumes_after_sigkill_and_exports_whole_weights(long_recipe):
     assert meta["world_size"] == 2 and meta["engine"] == "deepspeed"
     # every rank's ZeRO shard is in the checkpoint and covered by its hashes
     assert len([f for f in meta["files"] if f.startswith("deepspeed/state/") and "optim_states" in f]) == 2
+    # its ZeRO optimizer shards load only into a DeepSpeed run with 2 processes: a 1-process DDP branch is refused
+    result = cpt("branch", str(final), str(make("branch", 1)), "--with-optimizer")
+    assert result.returncode == 2 and "optimizer state comes from a DeepSpeed checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
     result = cpt("export", str(final), str(root / "zero3-export"))
     assert result.returncode == 0, result.stderr
     from transformers import AutoModelForCausalLM

@@ -108,11 +108,10 @@ def deepspeed_config(config: DistributedConfig, train, precision: str, base_dir:
         for key, why in REFUSED_SECTIONS.items():
             if key in ds and (key != "fp16" or ds[key].get("enabled", False) not in (False, "auto")):
                 raise CptError(f"distributed.deepspeed_config: '{path}' has a '{key}' section, but {why}; remove it")
-    values = {"train_micro_batch_size_per_gpu": train.micro_batch, "gradient_accumulation_steps": train.grad_accum,
-              "gradient_clipping": train.grad_clip}
-    for key, value in values.items():
+    for key, recipe_key in OWNED_KEYS.items():
+        value = getattr(train, recipe_key.removeprefix("train."))
         if ds.get(key, "auto") not in ("auto", value):
-            raise CptError(f"distributed.deepspeed_config: {key} is {ds[key]!r} but {OWNED_KEYS[key]} is {value}; "
+            raise CptError(f"distributed.deepspeed_config: {key} is {ds[key]!r} but {recipe_key} is {value}; "
                            f"remove it from the file or set it to \"auto\" (the recipe decides)")
         ds[key] = value
     if ds.get("train_batch_size", "auto") == "auto":
@@ -159,9 +158,10 @@ def zero_stage(accelerator) -> int:
     return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The model's whole state dict on every rank (on the CPU), with fp32 master values where DeepSpeed keeps
-    them (bf16 training keeps bf16 copies in the model). Collective: every rank must call it."""
+def full_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's whole state dict (on the CPU), with fp32 master values where DeepSpeed keeps them (bf16
+    training keeps bf16 copies in the model). Collective: every rank must call it; ranks with ``keep=False``
+    take part in the gathering but hold no copy and get an empty dict (a checkpoint needs rank 0's only)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -173,8 +173,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
         if value is None:  # frozen, or no master copy: the model's own (gathered under ZeRO-3)
             with deepspeed.zero.GatheredParameters([param]):
                 value = param.detach().clone()
-        state[name] = value.cpu()
-    state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in keys})
+        if keep:
+            state[name] = value.cpu()
+    if keep:
+        state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in keys})
     return state
 
 

@@ -389,8 +389,9 @@ class Trainer:
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
         module = self.accelerator.unwrap_model(self.model)
         following = self.recipe.stages[index + 1] if index + 1 < len(self.recipe.stages) else None
-        if self.deepspeed and (following is None or following.reset_optimizer):
-            # The next stage gets a new engine; this one's model goes back to plain whole weights for it.
+        if self.deepspeed and following is not None and following.reset_optimizer:
+            # The next stage gets a new engine; this one's model goes back to plain whole weights for it (after
+            # the last stage nothing needs them: the checkpoint has them already).
             module = distributed.plain_module(self.model, self.module_dtype)
         module = self.methods.finish(module)
         if not self.deepspeed:
@@ -470,8 +471,8 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             self.model.save_checkpoint(staging / distributed.DEEPSPEED_DIR, tag=distributed.DEEPSPEED_TAG,
                                        save_latest=False)
-            weights = {k: v.to(self.module_dtype) if v.is_floating_point() else v
-                       for k, v in distributed.full_state_dict(self.model).items()}
+            gathered = distributed.full_state_dict(self.model, keep=self.accelerator.is_main_process)
+            weights = {k: v.to(self.module_dtype) if v.is_floating_point() else v for k, v in gathered.items()}
         if self.accelerator.is_main_process:
             train_state = {"optimizer": None if self.deepspeed else optimizer.state_dict(),
                            "counters": asdict(self.state), "data": self.stream.state_dict(), "rng": rng_state()}

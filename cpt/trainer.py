@@ -77,6 +77,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
 
     Under DeepSpeed ``model`` is its engine: it reduces the gradients at the last micro-batch, clips them to
     ``gradient_clipping`` (set from ``grad_clip``) and skips the update itself when their norm is not finite.
+    Under FSDP the loop is the DDP one: Accelerate's ``no_sync`` holds the reduce-scatter to the last
+    micro-batch, and the gradient norm is taken over every rank's shards.
 
     Returns:
         ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``
@@ -125,6 +127,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
         return _deepspeed_update(model, optimizer, reduced, step_tokens, distilled, distill is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = accelerator.clip_grad_norm_(params, grad_clip or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
     # One host-device sync per step (not one per value): the loss terms and the gradient norm come back
     # together. Clipping before the loss check changes nothing: a non-finite step zeroes the gradients and raises.
     values = [v.float() for v in reduced.values()]
@@ -188,10 +191,12 @@ class Trainer:
                  lineage: dict | None = None):
         self.recipe, self.run_dir, self.data, self.lineage = recipe, run_dir, data, lineage
         self.accelerator, self.metrics = accelerator, metrics
-        # DeepSpeed wraps model and optimizer together, once per stage (``stage_optimizer``).
+        # DeepSpeed and FSDP wrap model and optimizer together, once per stage (``stage_optimizer``).
         self.deepspeed = distributed.is_deepspeed(accelerator)
+        self.fsdp = distributed.is_fsdp(accelerator)
+        self.per_stage_engine = self.deepspeed or self.fsdp
         self.module_dtype = next(model.parameters()).dtype
-        self.model = model if self.deepspeed else accelerator.prepare(model)
+        self.model = model if self.per_stage_engine else accelerator.prepare(model)
         seq_len = recipe.train.seq_len
         self.stream = DataStream(data.corpora, recipe.stages, [recipe.train.stage_steps(s) for s in recipe.stages],
                                  seq_len, self.global_batch, recipe.run.seed, recipe.data.max_epochs,
@@ -216,7 +221,7 @@ class Trainer:
         self._optimizer_state: dict | None = None  # loaded into the next stage optimizer (resume, branch)
         self.last_checkpoint: Path | None = None
         trainable, total = count_parameters(model)
-        engine = f"DeepSpeed ZeRO-{distributed.zero_stage(accelerator)}" if self.deepspeed else "DDP"
+        engine = recipe.distributed.name if self.per_stage_engine else "DDP"
         train = recipe.train
         log.info("model: %s parameters (%s trainable); %d process(es) on %s (%s), precision %s; global batch %d = "
                  "micro-batch %d x grad_accum %d x %d process(es)", f"{total:,}", f"{trainable:,}",
@@ -241,9 +246,9 @@ class Trainer:
 
     def dry_run(self) -> None:
         """One forward and backward pass on a full micro-batch, so memory errors show before any training.
-        Not under DeepSpeed: its memory is that of the engine, built when the first stage starts, and a
-        backward through the engine would leave gradients in its buffers."""
-        if self.deepspeed:
+        Not under DeepSpeed or FSDP: their memory is that of the engine, built when the first stage starts, and
+        a backward through a DeepSpeed engine would leave gradients in its buffers."""
+        if self.per_stage_engine:
             return
         source = self.stream.sources[self.stream.schedules[0].names[0]]
         rows = source.gather(np.arange(self.recipe.train.micro_batch) % len(source))
@@ -295,11 +300,11 @@ class Trainer:
     def stage_optimizer(self, stage: StageConfig):
         """The stage's optimizer: fresh by default (Ibrahim et al. reset optimizer state between datasets), or
         the previous stage's with ``reset_optimizer: false``; a resumed run loads the saved state into it.
-        Under DeepSpeed a fresh optimizer comes with a new engine around the stage's model."""
+        Under DeepSpeed and FSDP a fresh optimizer comes with a new engine around the stage's model."""
         if stage.reset_optimizer or self.optimizer is None:
             module = self.accelerator.unwrap_model(self.model)
             optimizer = build_optimizer(module, self.recipe.train, stage.schedule.peak_lr)
-            if self.deepspeed:
+            if self.per_stage_engine:
                 self.accelerator.free_memory()  # the previous stage's engine
                 self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
             else:
@@ -310,13 +315,19 @@ class Trainer:
         return self.optimizer
 
     def load_optimizer_state(self, state: dict | Path) -> None:
-        """A torch optimizer state dict (DDP checkpoints), or a checkpoint's ``deepspeed/`` directory: ZeRO
-        state split per rank, loadable only by a DeepSpeed run with the same number of processes."""
-        if isinstance(state, dict) == self.deepspeed:
-            ours, theirs = ("DeepSpeed", "DDP") if self.deepspeed else ("DDP", "DeepSpeed")
-            raise CptError(f"this run uses {ours} but the optimizer state comes from a {theirs} checkpoint; use the "
+        """A torch optimizer state dict (DDP checkpoints), a whole one keyed by parameter name (FSDP, split
+        here over any number of processes), or a checkpoint's ``deepspeed/`` directory: ZeRO state split per
+        rank, loadable only by a DeepSpeed run with the same number of processes."""
+        theirs = ("DeepSpeed" if isinstance(state, Path) else "FSDP" if distributed.is_name_keyed(state) else "DDP")
+        ours = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else "DDP"  # (FSDP on 1 process is DDP)
+        if theirs != ours:
+            article = "an" if theirs == "FSDP" else "a"
+            raise CptError(f"this run uses {ours} but the optimizer state comes from {article} {theirs} checkpoint; use the "
                            "same distributed.engine, or start without it (cpt branch without --with-optimizer)")
-        if isinstance(state, dict):
+        if ours == "FSDP":
+            distributed.load_fsdp_optimizer_state(self.model, self.optimizer, state)
+            return
+        if ours == "DDP":
             self.optimizer.load_state_dict(state)
             return
         world = (read_meta(state.parent) or {}).get("world_size")
@@ -389,12 +400,12 @@ class Trainer:
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
         module = self.accelerator.unwrap_model(self.model)
         following = self.recipe.stages[index + 1] if index + 1 < len(self.recipe.stages) else None
-        if self.deepspeed and following is not None and following.reset_optimizer:
+        if self.per_stage_engine and following is not None and following.reset_optimizer:
             # The next stage gets a new engine; this one's model goes back to plain whole weights for it (after
             # the last stage nothing needs them: the checkpoint has them already).
-            module = distributed.plain_module(self.model, self.module_dtype)
+            module = distributed.plain_module(self.model, self.module_dtype, self.accelerator.device)
         module = self.methods.finish(module)
-        if not self.deepspeed:
+        if not self.per_stage_engine:
             self.model = self.accelerator.prepare(module)
         elif module is not self.accelerator.unwrap_model(self.model):
             self.model = module
@@ -411,7 +422,7 @@ class Trainer:
             if needs_start_weights(stage):
                 start_state = self.stage_start_state(index, stage)
         model = self.methods.setup(self.accelerator.unwrap_model(self.model), start_state, resume_from, selection)
-        if not self.deepspeed:
+        if not self.per_stage_engine:
             self.model = self.accelerator.prepare(model)
         elif model is not self.accelerator.unwrap_model(self.model):
             self.model = model  # wrapped with a fresh optimizer by stage_optimizer
@@ -459,7 +470,8 @@ class Trainer:
 
     def save(self, stage: StageConfig, optimizer, steps: int) -> None:
         """Write a checkpoint. Under DeepSpeed every rank first writes its ZeRO optimizer shard into the
-        checkpoint's staging directory, and the whole weights are gathered for the model files."""
+        checkpoint's staging directory; under FSDP the optimizer state is gathered whole to rank 0. Under
+        both the whole weights are gathered for the model files."""
         target = checkpoint_dir(self.run_dir, stage.name, self.state.global_step)
         self.accelerator.wait_for_everyone()
         staging, weights = None, None
@@ -471,10 +483,13 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             self.model.save_checkpoint(staging / distributed.DEEPSPEED_DIR, tag=distributed.DEEPSPEED_TAG,
                                        save_latest=False)
-            gathered = distributed.full_state_dict(self.model, keep=self.accelerator.is_main_process)
+        if self.per_stage_engine:
+            gathered = distributed.full_state_dict(self.model, every_rank=False)
             weights = {k: v.to(self.module_dtype) if v.is_floating_point() else v for k, v in gathered.items()}
+        optimizer_state = (None if self.deepspeed else distributed.fsdp_optimizer_state(self.model, optimizer)
+                           if self.fsdp else optimizer.state_dict())
         if self.accelerator.is_main_process:
-            train_state = {"optimizer": None if self.deepspeed else optimizer.state_dict(),
+            train_state = {"optimizer": optimizer_state,
                            "counters": asdict(self.state), "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
                     "metrics_rows": self.metrics.rows, "lineage": self.lineage,

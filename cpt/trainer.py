@@ -174,6 +174,14 @@ def optimizer_state(path: Path, train_state: dict) -> dict | Path | None:
     return shards if shards.is_dir() else None
 
 
+def reuses_end_eval(previous: StageConfig | None, stage: StageConfig, per_stage_engine: bool) -> bool:
+    """Whether a stage's start evaluation would repeat the previous stage's end evaluation exactly: the same
+    weights in the same model object. Not after ``start_from`` (other weights), LoRA (merged at the end, added
+    at the start) or a per-stage engine (DeepSpeed/FSDP rebuild the model from gathered master weights)."""
+    return (previous is not None and stage.start_from is None and previous.lora is None and stage.lora is None
+            and not per_stage_engine)
+
+
 def log_budget(rows: list[dict]) -> None:
     """Print the data budget: per stage and source, weight, tokens drawn and available, passes over it."""
     lines = [f"{'stage':<14}{'source':<18}{'weight':>8}{'tokens':>14}{'available':>14}{'epochs':>8}"]
@@ -212,6 +220,7 @@ class Trainer:
             self.eval_sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, seq_len, budget, config.corpus),
                                            ratio, config.tag)
         self.eval_seconds = 0.0
+        self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those
         self.state = TrainState()
         self.methods: StageMethods | None = None
         # The first stage's starting weights, kept only when resuming it would need them.
@@ -287,15 +296,19 @@ class Trainer:
         load_weights(self.accelerator.unwrap_model(self.model), path)
         self.state = TrainState(**train_state["counters"])
         self.stream.load_state_dict(train_state["data"])
-        self._optimizer_state = optimizer_state(path, train_state)
         set_rng_state(train_state["rng"])
         self.last_checkpoint = path
-        steps = self.recipe.train.stage_steps(self.recipe.stages[self.state.stage_index])
+        stages = self.recipe.stages
+        steps = self.recipe.train.stage_steps(stages[self.state.stage_index])
         log.info("resuming from %s (stage '%s' step %d/%d, global step %d)", path,
-                 self.recipe.stages[self.state.stage_index].name, self.state.stage_step, steps, self.state.global_step)
-        if self.state.stage_step == steps:
-            return self.state.stage_index + 1, 0
-        return self.state.stage_index, self.state.stage_step
+                 stages[self.state.stage_index].name, self.state.stage_step, steps, self.state.global_step)
+        done = self.state.stage_step == steps
+        following = stages[self.state.stage_index + 1] if done and self.state.stage_index + 1 < len(stages) else None
+        # A stage's final checkpoint holds that stage's optimizer: the next stage keeps it only when it does not
+        # reset its optimizer, as in the uninterrupted run.
+        if not done or (following is not None and not following.reset_optimizer):
+            self._optimizer_state = optimizer_state(path, train_state)
+        return (self.state.stage_index + 1, 0) if done else (self.state.stage_index, self.state.stage_step)
 
     def stage_optimizer(self, stage: StageConfig):
         """The stage's optimizer: fresh by default (Ibrahim et al. reset optimizer state between datasets), or
@@ -359,7 +372,10 @@ class Trainer:
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
                               "step": self.state.global_step, "methods": self.methods.names(), **sizes})
-            self.evaluate_all(stage)
+            previous = self.recipe.stages[index - 1] if index > 0 else None
+            reuse = self._end_eval is not None and reuses_end_eval(previous, stage, self.per_stage_engine)
+            self.evaluate_all(stage, self._end_eval if reuse else None)
+        self._end_eval = None
         progress = self._progress(stage, steps)
         for t in range(start_step + 1, steps + 1):
             lr = lr_at(stage.schedule, t, steps)
@@ -388,7 +404,7 @@ class Trainer:
                 self.save(stage, optimizer, steps)
             if t < steps:  # a stop asked for during the stage's last step waits for its final checkpoint
                 self.stop_if_asked(stage, optimizer, steps)
-        self.evaluate_all(stage)
+        end_eval = self.evaluate_all(stage)
         for source, tokens in self.stream.stage_tokens().items():
             self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
                               "tokens": tokens})
@@ -410,6 +426,7 @@ class Trainer:
         elif module is not self.accelerator.unwrap_model(self.model):
             self.model = module
         self.methods = None
+        self._end_eval = end_eval
 
     def start_methods(self, index: int, stage: StageConfig, resumed: bool) -> None:
         """Apply the stage's anti-forgetting methods; a resumed stage rebuilds them from its starting weights
@@ -455,10 +472,14 @@ class Trainer:
         self.stream.load_state_dict(torch.load(final[-1] / "train_state.pt", weights_only=True)["data"])
         log.info("starting from the end of stage '%s' (%s)", name, final[-1])
 
-    def evaluate_all(self, stage: StageConfig) -> None:
-        parts, start = [], time.perf_counter()
+    def evaluate_all(self, stage: StageConfig, known: dict[str, dict] | None = None) -> dict[str, dict]:
+        """Evaluate every eval set and log a row each; ``known`` results (the previous stage's end, on the same
+        weights) are logged again for this stage instead of being computed twice."""
+        parts, start, results = [], time.perf_counter(), {}
         for name, eval_set in self.eval_sets.items():
-            result = evaluate(self.model, eval_set, self.recipe.eval.batch_size, self.accelerator)
+            result = (known or {}).get(name) or evaluate(self.model, eval_set, self.recipe.eval.batch_size,
+                                                         self.accelerator)
+            results[name] = result
             self.metrics.log({"kind": "eval", "step": self.state.global_step, "stage": stage.name,
                               "stage_step": self.state.stage_step, "set": name, "tag": eval_set.tag,
                               "corpus": eval_set.corpus, **result})
@@ -466,7 +487,8 @@ class Trainer:
         self.eval_seconds += time.perf_counter() - start
         if parts:
             log.info("eval @ step %d (%s %d): %s", self.state.global_step, stage.name, self.state.stage_step,
-                     " | ".join(parts))
+                     " | ".join(parts) + (" (the previous stage's end)" if known else ""))
+        return results
 
     def save(self, stage: StageConfig, optimizer, steps: int) -> None:
         """Write a checkpoint. Under DeepSpeed every rank first writes its ZeRO optimizer shard into the

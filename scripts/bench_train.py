@@ -18,7 +18,8 @@ Also measured, in the same run:
   full square, as in the PaLM appendix);
 - peak memory: the worker process's ``ru_maxrss`` (``os.wait4``), and ``torch.cuda.max_memory_allocated`` on GPU;
 - the cost of cpt's extras at the demo's defaults (demo model, fp32 on CPU as ``mixed_precision: auto``
-  resolves there): evaluation (2 sets x 16,384 tokens, at the stage starts, every 25 steps and the stage ends),
+  resolves there): evaluation (the demo recipe's `eval` block: sets, tokens and cadence; a stage start on the
+  previous stage's end weights is not evaluated again),
   a ``metrics.jsonl`` row per step, and the end-of-stage checkpoints, each amortised over the demo's 350 steps
   and compared with the bare step;
 - data preparation: tokens/s of ``cpt.data.shards.write_shard`` on KJV and the Python stdlib with the demo's
@@ -237,7 +238,7 @@ def worker_extras(steps: int, warmup: int) -> dict:
     from cpt.metrics import MetricsLogger, WandbConfig
     from cpt.recipe import load_recipe
     from cpt.runner import resolve_precision
-    from cpt.trainer import build_optimizer, train_step
+    from cpt.trainer import build_optimizer, reuses_end_eval, train_step
 
     recipe, _ = load_recipe(ROOT / "recipes" / "demo.yaml")
     device, _ = device_and_dtype("no")
@@ -284,7 +285,9 @@ def worker_extras(steps: int, warmup: int) -> dict:
             ckpt_times.append(time.perf_counter() - start)
             ckpt_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     stage_steps = [recipe.train.stage_steps(s) for s in recipe.stages]
-    evals = sum(2 + sum(recipe.eval.due(t, n) for t in range(1, n)) for n in stage_steps)
+    # A stage's start evaluation repeats the previous stage's end when the weights are the same (not computed).
+    evals = (sum(2 + sum(recipe.eval.due(t, n) for t in range(1, n)) for n in stage_steps)
+             - sum(reuses_end_eval(a, b, per_stage_engine=False) for a, b in zip(recipe.stages, recipe.stages[1:])))
     return {"precision": precision, "step": statistics.median(step_times), "log": statistics.median(log_times),
             "eval": statistics.median(eval_times), "evals": evals, "checkpoint": statistics.median(ckpt_times),
             "checkpoint_bytes": ckpt_bytes, "checkpoints": len(stage_steps), "steps": sum(stage_steps),

@@ -77,6 +77,19 @@ def test_killed_run_resumes_bit_identically(recipe_dict, uninterrupted):
     assert kept == ["step-100", "step-20", "step-80", "step-90"]
 
 
+def test_resume_at_a_stage_boundary_starts_the_next_stage_as_the_run_did(recipe_dict, uninterrupted):
+    """Resumed from the first stage's final checkpoint (the next stage has not started), the run goes on as the
+    uninterrupted one did: the next stage's fresh optimizer is not handed the finished stage's moments."""
+    _, root = recipe_dict
+    run_dir = root / "boundary"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "cpt")
+    result = cpt("resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and "pretrain/step-20" in result.stderr
+    assert comparable(rows_of(run_dir)) == comparable(rows_of(uninterrupted))
+
+
 def test_resume_refuses_a_recipe_change_that_matters(recipe_dict, uninterrupted):
     recipe, root = recipe_dict
     result = cpt("resume", str(uninterrupted), "stages.cpt.schedule.peak_lr=0.5", "train.log_every=3")

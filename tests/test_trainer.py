@@ -26,6 +26,7 @@ def finished_run(tiny_corpora, tmp_path_factory):
     recipe = write_recipe(root / "tiny.yaml", tiny_recipe(tiny_corpora, root / "run", pretrain=40, cpt=16))
     result = cpt("run", str(recipe), "stages.pretrain.schedule.peak_lr=2e-2")
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stderr.txt").write_text(result.stderr)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return recipe, root / "run", rows
 
@@ -59,6 +60,28 @@ def test_metrics_file(finished_run):
             assert r["tokens"] == 1024 // 32 * 32 and r["bpb"] > 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["stages"][0]["schedule"]["peak_lr"] == 2e-2 and saved == recipe.to_dict()
+    # The code stage starts on the weights the English stage ended with: its start rows are those results,
+    # logged again for the new stage, not a second evaluation.
+    end, start = ({r["set"]: r for r in of(rows, "eval", stage=s, stage_step=t)} for s, t in (("pretrain", 40), ("cpt", 0)))
+    assert set(end) == {"upstream", "downstream"}
+    assert all(start[n]["loss"] == end[n]["loss"] and start[n]["step"] == end[n]["step"] == 40 for n in end)
+    log = (run_dir.parent / "stderr.txt").read_text()
+    assert log.count("eval @ step 40 (cpt 0)") == 1 and log.count("(the previous stage's end)") == 1
+
+
+def test_a_stage_start_is_evaluated_again_when_its_weights_may_differ():
+    from cpt.config import build
+    from cpt.recipe import StageConfig
+    from cpt.trainer import reuses_end_eval
+
+    def stage(**extra):
+        return build(StageConfig, {"name": "s", "steps": 4, "mixture": {"a": 1.0}, **extra}, "stage")
+    assert reuses_end_eval(stage(), stage(), per_stage_engine=False)
+    assert not reuses_end_eval(None, stage(), per_stage_engine=False)  # the first stage
+    assert not reuses_end_eval(stage(), stage(start_from="s"), per_stage_engine=False)  # other weights
+    assert not reuses_end_eval(stage(lora={"rank": 2}), stage(), per_stage_engine=False)  # merged at the end
+    assert not reuses_end_eval(stage(), stage(lora={"rank": 2}), per_stage_engine=False)
+    assert not reuses_end_eval(stage(), stage(), per_stage_engine=True)  # DeepSpeed / FSDP rebuild the model
 
 
 def test_loss_falls_and_stages_shift_the_curves(finished_run):

@@ -89,11 +89,14 @@ SHARDED_REFUSED = {
 }
 
 
-def check_stages(config: DistributedConfig, stages, mixed_precision: str) -> None:
+def check_stages(config: DistributedConfig, stages, train) -> None:
     """Refuse at validation what cannot run under the chosen engine (raised as ``ConfigValueError``)."""
     if config.engine == "ddp":
         return
-    check(mixed_precision != "fp16", "train.mixed_precision",
+    check(not train.compile, "train.compile",
+          f"is not wired for {config.name.split()[0]} in this version (its engine wraps the model cpt would "
+          "compile); use distributed.engine: ddp, or compile: false")
+    check(train.mixed_precision != "fp16", "train.mixed_precision",
           f"fp16 under {config.name.split()[0]} needs loss scaling, which skips steps on overflow; use bf16 (or no)")
     if not config.shards_weights:
         return

@@ -98,6 +98,23 @@ def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT
     return cross_entropy_sum(model(input_ids=input_ids_BT, use_cache=False).logits, labels_BT)
 
 
+def apply_speed_options(model: torch.nn.Module, train) -> None:
+    """``train.activation_checkpointing`` and ``train.compile``, in place: the module stays the same object, so
+    Accelerate, the engines and checkpoints see the model they always do.
+
+    Checkpointing is the non-reentrant kind (works with frozen inputs, LoRA and ``no_sync``); only the training
+    forward recomputes (it is off in eval mode). ``nn.Module.compile`` compiles the module's call; shapes are
+    static per (batch, length), so the training and the evaluation batch each compile once per stage."""
+    if train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.compile:
+        model.compile(dynamic=False)
+    applied = [name for name, on in (("activation checkpointing", train.activation_checkpointing),
+                                     ("torch.compile", train.compile)) if on]
+    if applied:
+        log.info("model: %s", ", ".join(applied))
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; whole counts also for weights that ZeRO-3 has split across ranks."""
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]

@@ -123,6 +123,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         "auto", doc="autocast precision; auto = bf16 on GPUs that support it, else fp32")
     log_every: int = field(10, doc="print a log line every N steps when not on a terminal")
+    activation_checkpointing: bool = field(
+        False, doc="recompute each decoder layer's activations in the backward pass instead of keeping them: "
+                   "much less activation memory for about a third more compute")
+    compile: bool = field(False, doc="torch.compile the model (inductor; ddp engine): the first steps of each stage "
+                                     "compile, later ones run the fused kernels")
 
     def __post_init__(self):
         for key in ("seq_len", "micro_batch", "grad_accum", "log_every"):
@@ -203,7 +208,7 @@ class Recipe:
                       f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
         check(self.tokenizer.path or self.tokenizer.train or self.model.init != "scratch", "tokenizer",
               "a scratch model needs tokenizer.path or tokenizer.train")
-        check_stages(self.distributed, self.stages, self.train.mixed_precision)
+        check_stages(self.distributed, self.stages, self.train)
 
     @property
     def run_dir(self) -> Path:

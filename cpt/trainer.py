@@ -30,7 +30,7 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
-from cpt.model import count_parameters, cross_entropy_sum, token_loss_sum
+from cpt.model import apply_speed_options, count_parameters, cross_entropy_sum, token_loss_sum
 from cpt.recipe import Recipe, StageConfig, TrainConfig
 from cpt.schedules import lr_at
 
@@ -174,6 +174,15 @@ def optimizer_state(path: Path, train_state: dict) -> dict | Path | None:
     return shards if shards.is_dir() else None
 
 
+def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Token rows onto the training device; to a GPU through pinned host memory without blocking, so the copy
+    is queued ahead of the step's kernels instead of stalling the host."""
+    rows_BT = torch.from_numpy(rows)
+    if device.type == "cuda":
+        return rows_BT.pin_memory().to(device, non_blocking=True)
+    return rows_BT.to(device)
+
+
 def reuses_end_eval(previous: StageConfig | None, stage: StageConfig, per_stage_engine: bool) -> bool:
     """Whether a stage's start evaluation would repeat the previous stage's end evaluation exactly: the same
     weights in the same model object. Not after ``start_from`` (other weights), LoRA (merged at the end, added
@@ -249,8 +258,7 @@ class Trainer:
         own = set(stage.corpora)
         replay = np.array([[name not in own] for name in names])
         train, world, rank = self.recipe.train, self.accelerator.num_processes, self.accelerator.process_index
-        device = self.accelerator.device
-        return ([torch.from_numpy(s).to(device) for s in rank_rows(rows, train.grad_accum, world, rank)],
+        return ([to_device(s, self.accelerator.device) for s in rank_rows(rows, train.grad_accum, world, rank)],
                 [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, train.grad_accum, world, rank)])
 
     def dry_run(self) -> None:
@@ -439,6 +447,7 @@ class Trainer:
             if needs_start_weights(stage):
                 start_state = self.stage_start_state(index, stage)
         model = self.methods.setup(self.accelerator.unwrap_model(self.model), start_state, resume_from, selection)
+        apply_speed_options(model, self.recipe.train)  # after setup: the teacher is a plain copy
         if not self.per_stage_engine:
             self.model = self.accelerator.prepare(model)
         elif model is not self.accelerator.unwrap_model(self.model):

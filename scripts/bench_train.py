@@ -143,15 +143,19 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def worker_cpt(config: str, precision: str, steps: int, warmup: int) -> dict:
-    """Time ``steps`` calls of ``cpt.trainer.train_step`` after ``warmup``, as the trainer's loop makes them."""
+def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: str = "") -> dict:
+    """Time ``steps`` calls of ``cpt.trainer.train_step`` after ``warmup``, as the trainer's loop makes them;
+    ``variant`` compile or checkpointing sets that ``train.*`` option (``apply_speed_options``, as the trainer)."""
     from accelerate import Accelerator
 
+    from cpt.model import apply_speed_options
     from cpt.trainer import build_optimizer, train_step
 
     device, precision = device_and_dtype(precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     model, train = build(config)
+    train.compile, train.activation_checkpointing = variant == "compile", variant == "checkpointing"
+    apply_speed_options(model, train)
     model = accelerator.prepare(model)
     optimizer = accelerator.prepare(build_optimizer(model, train, LR))
     data = batches(config, steps + warmup)
@@ -183,8 +187,9 @@ def cuda_memory(device) -> dict:
     return {"cuda_max_allocated": torch.cuda.max_memory_allocated()} if device.type == "cuda" else {}
 
 
-def worker_hf(config: str, precision: str, steps: int, warmup: int, optim: str) -> dict:
-    """Time ``steps`` optimizer steps of ``transformers.Trainer`` after ``warmup`` on the same model and data."""
+def worker_hf(config: str, precision: str, steps: int, warmup: int, optim: str, variant: str = "") -> dict:
+    """Time ``steps`` optimizer steps of ``transformers.Trainer`` after ``warmup`` on the same model and data;
+    ``variant`` compile or checkpointing sets the Trainer's own ``torch_compile`` / ``gradient_checkpointing``."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -220,6 +225,8 @@ def worker_hf(config: str, precision: str, steps: int, warmup: int, optim: str) 
             adam_epsilon=train.eps, max_grad_norm=train.grad_clip, optim=optim, bf16=precision == "bf16",
             fp16=precision == "fp16", use_cpu=device.type == "cpu", logging_steps=10, save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+            torch_compile=variant == "compile", gradient_checkpointing=variant == "checkpointing",
+            gradient_checkpointing_kwargs={"use_reentrant": False},
             dataloader_drop_last=True, remove_unused_columns=False, seed=0, data_seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()])
         result = trainer.train()
@@ -351,14 +358,14 @@ def run_worker(args: list[str], env: dict | None = None) -> dict:
         return {**json.loads(Path(out.name).read_text()), "peak_rss": usage.ru_maxrss * 1024}
 
 
-def compare(config: str, precision: str, rounds: int, steps: int, warmup: int, optim: str) -> dict:
+def compare(config: str, precision: str, rounds: int, steps: int, warmup: int, optim: str, variant: str = "") -> dict:
     """Alternate cpt and HF worker processes for ``rounds`` rounds; the step times and peaks of each side."""
     sides = {"cpt": [], "hf": []}
     results: dict = {"cpt": {}, "hf": {}, "peak_flops": []}
     for r in range(rounds):
         order = ["cpt", "hf"] if r % 2 == 0 else ["hf", "cpt"]
         for side in order:
-            extra = ["--optim", optim] if side == "hf" else []
+            extra = (["--optim", optim] if side == "hf" else []) + (["--variant", variant] if variant else [])
             out = run_worker(["--worker", side, "--config", config, "--precision", precision, "--steps", str(steps),
                               "--warmup", str(warmup), *extra])
             sides[side].extend(out.pop("times"))
@@ -449,7 +456,10 @@ def format_section(results: dict, info: dict) -> str:
     arch = CONFIGS["llama-110m"][0]
     lines += ["", f"llama-110m: {arch['layers']} layers, hidden {arch['hidden']}, {arch['heads']} heads, MLP "
                   f"{arch['intermediate']}, vocab {CONFIGS['llama-110m'][1]:,}, tied embeddings. demo: the demo "
-                  "recipe's model (4 layers, hidden 128, 4 heads, MLP 384, vocab 4,096)."]
+                  "recipe's model (4 layers, hidden 128, 4 heads, MLP 384, vocab 4,096). Rows marked +compile / "
+                  "+checkpointing set that option on both sides: cpt `train.compile` / `train.activation_checkpointing` "
+                  "(`cpt.model.apply_speed_options`), HF `torch_compile` / `gradient_checkpointing` (non-reentrant); "
+                  "compilation happens in the warm-up steps."]
     if results.get("adamw"):
         lines += ["", "AdamW step alone (`optimizer.step()` on random gradients, the three torch implementations "
                       "taking turns in one process, median; `build_optimizer` now picks fused, it used torch's "
@@ -504,6 +514,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 3 steps, demo model only")
     parser.add_argument("--configs", default="demo,llama-110m", help=f"comma-separated of: {', '.join(CONFIGS)}")
+    parser.add_argument("--variants", default="demo:compile,llama-110m:checkpointing",
+                        help="CONFIG:compile|checkpointing pairs also compared, both sides with that option "
+                             "('' for none)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "no"],
                         help="autocast precision (auto: bf16 on a GPU or CPU that supports it, else fp32)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -520,12 +533,13 @@ def main() -> None:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--optim", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         steps = args.steps or 10
-        out = {"cpt": lambda: worker_cpt(args.config, args.precision, steps, args.warmup),
-               "hf": lambda: worker_hf(args.config, args.precision, steps, args.warmup, args.optim),
+        out = {"cpt": lambda: worker_cpt(args.config, args.precision, steps, args.warmup, args.variant),
+               "hf": lambda: worker_hf(args.config, args.precision, steps, args.warmup, args.optim, args.variant),
                "extras": lambda: worker_extras(steps, args.warmup),
                "prepare": lambda: worker_prepare(args.corpus),
                "adamw": lambda: worker_adamw(args.config, args.rounds)}[args.worker]()
@@ -542,12 +556,14 @@ def main() -> None:
     rounds = 2 if args.quick else args.rounds
     started, load_start = time.time(), os.getloadavg()
     results: dict = {"compare": {}}
-    for config in configs:
+    variants = [] if args.quick or not args.variants else [tuple(v.split(":")) for v in args.variants.split(",")]
+    for config, variant in [(c, "") for c in configs] + variants:
         steps = args.steps or (3 if args.quick else 10 if config == "demo" else 3)
         optim = hf_optim_for_cpt(config)
-        log(f"{config}: {rounds} rounds x {steps} steps per side (HF optim {optim})")
-        results["compare"][config] = compare(config, args.precision, rounds, steps, args.warmup, optim)
-        r = results["compare"][config]
+        name = f"{config} +{variant}" if variant else config
+        log(f"{name}: {rounds} rounds x {steps} steps per side (HF optim {optim})")
+        results["compare"][name] = compare(config, args.precision, rounds, steps, args.warmup, optim, variant)
+        r = results["compare"][name]
         log(f"  cpt {r['cpt']['tokens_per_s']:,.0f} tok/s, HF {r['hf']['tokens_per_s']:,.0f} tok/s, "
             f"ratio {r['ratio']:.2f}")
     results["adamw"] = {}

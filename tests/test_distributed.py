@@ -297,6 +297,8 @@ REFUSED = [
     ({"engine": "fsdp"}, {"__precision": "fp16"}, "train.mixed_precision: fp16 under FSDP"),
     ({"engine": "fsdp", "zero_stage": 3}, {}, "distributed.zero_stage: is a DeepSpeed option"),
     ({"offload_params": True}, {}, "distributed.offload_params: needs a sharding engine"),
+    ({"engine": "fsdp"}, {"__compile": True}, "train.compile: is not wired for FSDP"),
+    ({"engine": "deepspeed"}, {"__compile": True}, "train.compile: is not wired for DeepSpeed"),
 ]
 
 
@@ -306,6 +308,8 @@ def test_what_cannot_work_is_refused_at_validation(distributed, stage, message, 
     recipe["distributed"] = distributed
     if "__precision" in stage:
         recipe["train"]["mixed_precision"] = stage.pop("__precision")
+    if "__compile" in stage:
+        recipe["train"]["compile"] = stage.pop("__compile")
     recipe["stages"][1].update(stage)
     path = write_recipe(tmp_path / "r.yaml", recipe)
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(")):

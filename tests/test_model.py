@@ -80,3 +80,36 @@ def test_token_loss_sum_is_summed_cross_entropy():
 def test_kv_heads_zero_is_rejected():
     with pytest.raises(RecipeError, match="model.arch.kv_heads: must be a positive divisor of heads=4, got 0"):
         build(ModelConfig, {"arch": {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 0}}, "model")
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+def test_speed_options_train_like_the_plain_model(option):
+    """Activation checkpointing recomputes the same activations and torch.compile fuses the same arithmetic: over
+    4 AdamW steps with 2 accumulated micro-batches the losses and gradient norms are the plain model's (to
+    float rounding), and the module is changed in place (the same object goes on to Accelerate)."""
+    from accelerate import Accelerator
+
+    from cpt.model import apply_speed_options
+    from cpt.recipe import TrainConfig
+    from cpt.trainer import build_optimizer, train_step
+
+    accelerator = Accelerator(cpu=True)
+    # the same step's batch 4 times, so that 4 steps visibly lower its loss
+    batches = torch.randint(0, 100, (1, 2, 3, 17), generator=torch.Generator().manual_seed(0)).expand(4, -1, -1, -1)
+    curves = {}
+    for speed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(scratch(), Vocab(100), 16, None)
+        train = TrainConfig(seq_len=16, micro_batch=3, grad_accum=2, **{option: speed})
+        same = model
+        apply_speed_options(model, train)
+        assert model is same
+        optimizer = build_optimizer(model, train, 1e-2)
+        curves[speed] = [train_step(model, optimizer, list(step), accelerator, 1.0) for step in batches]
+    if option == "compile":
+        assert model._compiled_call_impl is not None
+    else:
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in curves[True]] == pytest.approx([m[key] for m in curves[False]], rel=1e-5)
+    assert curves[False][-1]["loss"] < curves[False][0]["loss"] - 0.1  # it trained

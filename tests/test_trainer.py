@@ -16,7 +16,7 @@ from cpt.recipe import load_recipe
 from cpt.schedules import lr_at
 from cpt.trainer import build_optimizer, train_step
 
-from conftest import run_cpt as cpt, tiny_recipe, write_recipe
+from conftest import read_rows, run_cpt as cpt, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +233,21 @@ def test_branches_start_from_the_same_weights_with_replay(tiny_corpora, tmp_path
     assert data[("fixed", "english~fixed")] == per_stage // 4 and data[("fixed", "code")] == per_stage * 3 // 4
     assert "tokens per source and stage" in result.stderr and "english~fixed" in result.stderr
     assert "data budget" in result.stderr
+
+
+def test_speed_options_from_the_recipe_keep_the_run(tiny_corpora, tmp_path):
+    """train.activation_checkpointing reaches the model of every stage (with HFT freezing in the second) and
+    leaves the losses those of the plain run. (train.compile goes through the same call, apply_speed_options;
+    its arithmetic is checked in tests/test_model.py, where it costs one compilation instead of four.)"""
+    curves = {}
+    for name, options in (("plain", []), ("fast", ["train.activation_checkpointing=true"])):
+        recipe = tiny_recipe(tiny_corpora, tmp_path / name, pretrain=3, cpt=3)
+        recipe["stages"][1]["hft"] = {"seed": 0}
+        recipe["run"]["data_dir"] = str(tmp_path / "data")
+        result = cpt("run", str(write_recipe(tmp_path / f"{name}.yaml", recipe)), *options)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.count("model: activation checkpointing") == (2 if options else 0)  # both stages
+        curves[name] = [(r["kind"], r["step"], r["loss"]) for r in read_rows(tmp_path / name)
+                        if r["kind"] in ("train", "eval")]
+    assert [r[:2] for r in curves["fast"]] == [r[:2] for r in curves["plain"]]
+    assert [r[2] for r in curves["fast"]] == pytest.approx([r[2] for r in curves["plain"]], rel=1e-5)

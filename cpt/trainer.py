@@ -30,7 +30,8 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
-from cpt.model import apply_speed_options, count_parameters, cross_entropy_sum, token_loss_sum
+from cpt.model import (apply_speed_options, compiled_cross_entropy_sum, count_parameters, cross_entropy_sum,
+                       token_loss_sum)
 from cpt.recipe import Recipe, StageConfig, TrainConfig
 from cpt.schedules import lr_at
 
@@ -67,7 +68,8 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> to
 
 
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
-               methods: StageMethods | None = None, replay_rows: list[torch.Tensor] | None = None) -> dict[str, float]:
+               methods: StageMethods | None = None, replay_rows: list[torch.Tensor] | None = None,
+               cross_entropy=cross_entropy_sum) -> dict[str, float]:
     """One optimizer step over accumulated micro-batches of packed ``[B, T+1]`` token windows.
 
     The cross-entropy is normalised by the number of target tokens in the whole step, so accumulation does
@@ -79,6 +81,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     ``gradient_clipping`` (set from ``grad_clip``) and skips the update itself when their norm is not finite.
     Under FSDP the loop is the DDP one: Accelerate's ``no_sync`` holds the reduce-scatter to the last
     micro-batch, and the gradient norm is taken over every rank's shards.
+
+    ``cross_entropy`` is ``cross_entropy_sum`` or, under ``train.compile``, its compiled twin.
 
     Returns:
         ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``
@@ -101,7 +105,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
                 inputs_BT, labels_BT = batch[:, :-1], batch[:, 1:]
                 # use_cache=False: a training forward has no use for the KV cache HF builds by default.
                 logits_BTV = model(input_ids=inputs_BT, use_cache=False).logits
-                ce_sum = cross_entropy_sum(logits_BTV, labels_BT)
+                ce_sum = cross_entropy(logits_BTV, labels_BT)
                 objective = ce_sum / step_tokens
                 if distill is not None:
                     teacher_BTV = teacher_forward(methods.teacher, inputs_BT)
@@ -228,6 +232,7 @@ class Trainer:
             budget = config.max_tokens or recipe.eval.max_tokens
             self.eval_sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, seq_len, budget, config.corpus),
                                            ratio, config.tag)
+        self.cross_entropy = compiled_cross_entropy_sum() if recipe.train.compile else cross_entropy_sum
         self.eval_seconds = 0.0
         self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those
         self.state = TrainState()
@@ -393,7 +398,7 @@ class Trainer:
             micro_batches, replay_rows = self.next_micro_batches(stage)
             try:
                 metrics = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip,
-                                     self.methods, replay_rows)
+                                     self.methods, replay_rows, self.cross_entropy)
             except NonFiniteLossError as e:
                 last = self.last_checkpoint or "none yet"
                 raise NonFiniteLossError(f"{e} at stage '{stage.name}' step {t}; weights were not updated. Lower "

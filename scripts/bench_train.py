@@ -148,7 +148,7 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
     ``variant`` compile or checkpointing sets that ``train.*`` option (``apply_speed_options``, as the trainer)."""
     from accelerate import Accelerator
 
-    from cpt.model import apply_speed_options
+    from cpt.model import apply_speed_options, compiled_cross_entropy_sum, cross_entropy_sum
     from cpt.trainer import build_optimizer, train_step
 
     device, precision = device_and_dtype(precision)
@@ -156,6 +156,7 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
     model, train = build(config)
     train.compile, train.activation_checkpointing = variant == "compile", variant == "checkpointing"
     apply_speed_options(model, train)
+    cross_entropy = compiled_cross_entropy_sum() if train.compile else cross_entropy_sum  # as the Trainer picks
     model = accelerator.prepare(model)
     optimizer = accelerator.prepare(build_optimizer(model, train, LR))
     data = batches(config, steps + warmup)
@@ -166,7 +167,7 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
             group["lr"] = LR
         window = data[step * rows:(step + 1) * rows]
         micro = [m.to(device) for m in window.split(train.micro_batch)]
-        metrics = train_step(model, optimizer, micro, accelerator, train.grad_clip)
+        metrics = train_step(model, optimizer, micro, accelerator, train.grad_clip, cross_entropy=cross_entropy)
         sync(device)
         now = time.perf_counter()
         if step >= warmup:

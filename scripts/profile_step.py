@@ -1,0 +1,124 @@
+"""Where cpt's training step spends its time: ``torch.profiler`` over a few ``train_step`` calls on the models
+of ``scripts/bench_train.py``, self time grouped by what each operator is for.
+
+The groups say which part could be cpt's to speed up: the model's own kernels (matmuls, attention, the
+element-wise ops of norms, rotary embeddings and activations, embedding lookups), the dtype casts autocast
+adds around them, the AdamW update, the loss, and what is left (cpt's loop: gradient clipping, the loss
+reduction, the one host sync). The HF Trainer runs the same model kernels on the same model.
+
+Usage::
+
+    .venv/bin/python scripts/profile_step.py            # writes the BENCHMARKS.md section
+    .venv/bin/python scripts/profile_step.py --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench_train import LR, ROOT, batches, build, device_and_dtype, sync  # noqa: E402 (sets sys.path)
+
+import benchmarks_md  # noqa: E402
+
+HEADING = "## Where the training step goes"
+# (group, operator-name fragments), first match wins.
+GROUPS = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("attention (SDPA)", ("scaled_dot_product",)),
+    ("loss (log-softmax, NLL)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("AdamW (fused)", ("adam",)),
+    ("gradient clipping (norms)", ("linalg_vector_norm", "_foreach_norm", "clamp", "_foreach_mul")),
+    ("dtype casts (autocast)", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("element-wise (norms, rotary, SiLU, residuals)", ("aten::mul", "aten::add", "aten::silu", "aten::pow",
+                                                        "aten::rsqrt", "aten::mean", "aten::neg", "aten::cat",
+                                                        "aten::div", "aten::sum", "aten::fill_", "aten::zero_",
+                                                        "aten::embedding", "aten::index", "aten::cos",
+                                                        "aten::sin", "aten::where", "rms_norm")),
+]
+
+
+def group_of(name: str) -> str:
+    for group, fragments in GROUPS:
+        if any(fragment in name for fragment in fragments):
+            return group
+    return "other (allocation, views, the loop)"
+
+
+def profile(config: str, precision: str, steps: int) -> dict:
+    from accelerate import Accelerator
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from cpt.trainer import build_optimizer, train_step
+
+    device, precision = device_and_dtype(precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    model, train = build(config)
+    model = accelerator.prepare(model)
+    optimizer = accelerator.prepare(build_optimizer(model, train, LR))
+    data = batches(config, steps + 2)
+    rows = train.micro_batch * train.grad_accum
+
+    def step(i: int) -> None:
+        window = data[i * rows:(i + 1) * rows]
+        train_step(model, optimizer, [m.to(device) for m in window.split(train.micro_batch)], accelerator,
+                   train.grad_clip)
+
+    for i in range(2):
+        step(i)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for i in range(2, steps + 2):
+            step(i)
+        sync(device)
+    wall = (time.perf_counter() - start) / steps
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        groups[group_of(event.key)] = groups.get(group_of(event.key), 0.0) + getattr(event, attribute)
+    total = sum(groups.values())
+    return {"precision": precision, "device": str(device), "wall_s": wall,
+            "shares": {k: v / total for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="demo,llama-110m")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "no"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    results = {c: profile(c, args.precision, args.steps) for c in args.configs.split(",")}
+    info = benchmarks_md.machine(torch=torch.__version__, threads=str(torch.get_num_threads()))
+    groups = list(dict.fromkeys(g for r in results.values() for g in r["shares"]))
+    lines = [f"Command: `python scripts/profile_step.py` ({time.strftime('%Y-%m-%d', time.gmtime())}). Machine: "
+             f"{info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} ({info['threads']} threads), Python "
+             f"{info['python']}. Code: {benchmarks_md.code_version('cpt/trainer.py', 'cpt/model.py')}.",
+             "",
+             f"`torch.profiler` self time over {args.steps} `train_step` calls after 2 warm-up calls, on the models, "
+             "batches and precision of \"Training throughput\", grouped by what each operator is for (the "
+             "grouping is `GROUPS` in the script).",
+             "",
+             "| group | " + " | ".join(f"{c} ({r['precision']}, {r['wall_s']:.2f} s/step)" for c, r in results.items())
+             + " |", "|---|" + "---:|" * len(results)]
+    for group in groups:
+        lines.append(f"| {group} | " + " | ".join(f"{100 * r['shares'].get(group, 0.0):.1f}%" for r in results.values())
+                     + " |")
+    lines += ["", "The model's kernels and the casts around them are the same kernels the HF Trainer runs on this "
+                  "model; what is cpt's own (the loop, the loss reduction, clipping, AdamW's launch) is the small "
+                  "remainder, which bounds how far cpt can lead the Trainer on the same model (see the targets "
+                  "under \"Training throughput\")."]
+    body = "\n".join(lines) + "\n"
+    print(f"{HEADING}\n\n{body}")
+    if not args.no_write:
+        benchmarks_md.write_section(args.out, HEADING, body)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,7 +113,7 @@ def apply_speed_options(model: torch.nn.Module, train) -> None:
     forward recomputes (it is off in eval mode). ``nn.Module.compile`` compiles the module's call; shapes are
     static per (batch, length), so the training and the evaluation batch each compile once per stage."""
     if train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if train.compile:
         model.compile(dynamic=False)
     applied = [name for name, on in (("activation checkpointing", train.activation_checkpointing),

@@ -8,7 +8,7 @@ full fp32 weights, so the anti-forgetting methods (which rewrite the model betwe
 model under every engine.
 
 FSDP checkpoints keep the optimizer state whole, keyed by parameter name (gathered to rank 0 when saving,
-re-split by every rank when loading), so they resume on any number of processes.
+re-split by every rank when loading).
 """
 
 from __future__ import annotations

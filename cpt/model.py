@@ -93,11 +93,11 @@ def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), reduction="sum")
 
 
-def compiled_cross_entropy_sum():
-    """``cross_entropy_sum`` through ``torch.compile``, for ``train.compile``: the fp32 upcast of the logits fuses
-    into the softmax reduction instead of writing an fp32 copy of them (the HF models compute their loss inside
-    the compiled forward for the same reason)."""
-    return torch.compile(cross_entropy_sum, dynamic=False)
+def cross_entropy_for(train):
+    """The training loss function: ``cross_entropy_sum``, compiled under ``train.compile`` so that the fp32 upcast
+    of the logits fuses into the softmax reduction instead of writing an fp32 copy of them (the HF models
+    compute their loss inside the compiled forward for the same reason)."""
+    return torch.compile(cross_entropy_sum, dynamic=False) if train.compile else cross_entropy_sum
 
 
 def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

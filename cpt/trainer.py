@@ -30,7 +30,7 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
-from cpt.model import (apply_speed_options, compiled_cross_entropy_sum, count_parameters, cross_entropy_sum,
+from cpt.model import (apply_speed_options, count_parameters, cross_entropy_for, cross_entropy_sum,
                        token_loss_sum)
 from cpt.recipe import Recipe, StageConfig, TrainConfig
 from cpt.schedules import lr_at
@@ -232,7 +232,7 @@ class Trainer:
             budget = config.max_tokens or recipe.eval.max_tokens
             self.eval_sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, seq_len, budget, config.corpus),
                                            ratio, config.tag)
-        self.cross_entropy = compiled_cross_entropy_sum() if recipe.train.compile else cross_entropy_sum
+        self.cross_entropy = cross_entropy_for(recipe.train)
         self.eval_seconds = 0.0
         self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those
         self.state = TrainState()
@@ -342,7 +342,7 @@ class Trainer:
 
     def load_optimizer_state(self, state: dict | Path) -> None:
         """A torch optimizer state dict (DDP checkpoints), a whole one keyed by parameter name (FSDP, split
-        here over any number of processes), or a checkpoint's ``deepspeed/`` directory: ZeRO state split per
+        here into this rank's shards), or a checkpoint's ``deepspeed/`` directory: ZeRO state split per
         rank, loadable only by a DeepSpeed run with the same number of processes."""
         theirs = ("DeepSpeed" if isinstance(state, Path) else "FSDP" if distributed.is_name_keyed(state) else "DDP")
         ours = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else "DDP"  # (FSDP on 1 process is DDP)

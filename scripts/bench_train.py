@@ -143,12 +143,13 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: str = "") -> dict:
-    """Time ``steps`` calls of ``cpt.trainer.train_step`` after ``warmup``, as the trainer's loop makes them;
-    ``variant`` compile or checkpointing sets that ``train.*`` option (``apply_speed_options``, as the trainer)."""
+def cpt_steps(config: str, precision: str, count: int, variant: str = ""):
+    """cpt's side, built as the trainer builds it: ``step(i)`` runs ``train_step`` on the i-th of ``count``
+    global batches. ``variant`` compile or checkpointing sets that ``train.*`` option (``apply_speed_options``
+    and ``cross_entropy_for``, as the trainer). Returns ``(step, device, precision, optimizer)``."""
     from accelerate import Accelerator
 
-    from cpt.model import apply_speed_options, compiled_cross_entropy_sum, cross_entropy_sum
+    from cpt.model import apply_speed_options, cross_entropy_for
     from cpt.trainer import build_optimizer, train_step
 
     device, precision = device_and_dtype(precision)
@@ -156,21 +157,30 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
     model, train = build(config)
     train.compile, train.activation_checkpointing = variant == "compile", variant == "checkpointing"
     apply_speed_options(model, train)
-    cross_entropy = compiled_cross_entropy_sum() if train.compile else cross_entropy_sum  # as the Trainer picks
+    cross_entropy = cross_entropy_for(train)
     model = accelerator.prepare(model)
     optimizer = accelerator.prepare(build_optimizer(model, train, LR))
-    data = batches(config, steps + warmup)
+    data = batches(config, count)
     rows = train.micro_batch * train.grad_accum
-    times, last = [], time.perf_counter()
-    for step in range(steps + warmup):
+
+    def step(i: int) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = LR
-        window = data[step * rows:(step + 1) * rows]
+        window = data[i * rows:(i + 1) * rows]
         micro = [m.to(device) for m in window.split(train.micro_batch)]
-        metrics = train_step(model, optimizer, micro, accelerator, train.grad_clip, cross_entropy=cross_entropy)
+        return train_step(model, optimizer, micro, accelerator, train.grad_clip, cross_entropy=cross_entropy)
+    return step, device, precision, optimizer
+
+
+def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: str = "") -> dict:
+    """Time ``steps`` calls of ``cpt.trainer.train_step`` after ``warmup``, as the trainer's loop makes them."""
+    step, device, precision, optimizer = cpt_steps(config, precision, steps + warmup, variant)
+    times, last = [], time.perf_counter()
+    for i in range(steps + warmup):
+        metrics = step(i)
         sync(device)
         now = time.perf_counter()
-        if step >= warmup:
+        if i >= warmup:
             times.append(now - last)
         last = now
     return {"times": times, "loss": metrics["loss"], "precision": precision, "device": str(device),

@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench_train import LR, ROOT, batches, build, device_and_dtype, sync  # noqa: E402 (sets sys.path)
+from bench_train import ROOT, cpt_steps, sync  # noqa: E402 (sets sys.path)
 
 import benchmarks_md  # noqa: E402
 
@@ -47,24 +47,9 @@ def group_of(name: str) -> str:
 
 
 def profile(config: str, precision: str, steps: int) -> dict:
-    from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from cpt.trainer import build_optimizer, train_step
-
-    device, precision = device_and_dtype(precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    model, train = build(config)
-    model = accelerator.prepare(model)
-    optimizer = accelerator.prepare(build_optimizer(model, train, LR))
-    data = batches(config, steps + 2)
-    rows = train.micro_batch * train.grad_accum
-
-    def step(i: int) -> None:
-        window = data[i * rows:(i + 1) * rows]
-        train_step(model, optimizer, [m.to(device) for m in window.split(train.micro_batch)], accelerator,
-                   train.grad_clip)
-
+    step, device, precision, _ = cpt_steps(config, precision, steps + 2)
     for i in range(2):
         step(i)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

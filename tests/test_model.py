@@ -89,7 +89,7 @@ def test_speed_options_train_like_the_plain_model(option):
     float rounding), and the module is changed in place (the same object goes on to Accelerate)."""
     from accelerate import Accelerator
 
-    from cpt.model import apply_speed_options, compiled_cross_entropy_sum, cross_entropy_sum
+    from cpt.model import apply_speed_options, cross_entropy_for
     from cpt.recipe import TrainConfig
     from cpt.trainer import build_optimizer, train_step
 
@@ -105,7 +105,7 @@ def test_speed_options_train_like_the_plain_model(option):
         apply_speed_options(model, train)
         assert model is same
         optimizer = build_optimizer(model, train, 1e-2)
-        loss = compiled_cross_entropy_sum() if train.compile else cross_entropy_sum  # as the Trainer picks
+        loss = cross_entropy_for(train)  # as the Trainer picks
         curves[speed] = [train_step(model, optimizer, list(step), accelerator, 1.0, cross_entropy=loss)
                          for step in batches]
     if option == "compile":

@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
                      help="continue the recipe's run directory from its newest intact checkpoint")
     run.add_argument("--auto-resume", action="store_true",
                      help="resume if the run directory has a checkpoint, else start the run (what slurm jobs run)")
+    run.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize (default 1)")
 
     resume = sub.add_parser("resume", help="continue a run from its newest intact checkpoint",
                             description="Continue RUN_DIR from its newest intact checkpoint (corrupt or partial ones "
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
                                          "with a held-out split; reuses shards whose fingerprint matches.")
     prepare.add_argument("recipe", help="recipe YAML")
     prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    prepare.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize (default 1)")
 
     check = sub.add_parser("check", help="validate a recipe and print the resolved config",
                            description="Load and validate RECIPE with overrides; print the resolved config.")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             runner.run(args.recipe, args.overrides, overwrite=args.overwrite, resume=args.resume,
-                       auto_resume=args.auto_resume)
+                       auto_resume=args.auto_resume, workers=_workers(args.workers))
         elif args.command == "resume":
             runner.resume(args.run_dir, args.overrides)
         elif args.command == "branch":
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_runs(Path(args.dir)))
         elif args.command == "prepare":
             runner.setup_logging()
-            data = runner.prepare_data(args.recipe, args.overrides)
+            data = runner.prepare_data(args.recipe, args.overrides, workers=_workers(args.workers))
             for name, shard in data.corpora.items():
                 print(f"{name}: {shard.path}")
         elif args.command == "check":
@@ -228,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         print("cpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _workers(value: int) -> int:
+    if value < 1:
+        raise CptError(f"--workers: expected a positive number of processes, got {value}")
+    return value
 
 
 if __name__ == "__main__":

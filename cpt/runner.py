@@ -43,12 +43,12 @@ def data_dir(recipe: Recipe, base_dir: Path) -> Path:
     return Path(recipe.run.data_dir) if recipe.run.data_dir else recipe.run_dir / "data"
 
 
-def prepare_data(recipe_path: str, overrides: list[str]):
-    """``cpt prepare``: tokenizer and token shards only."""
+def prepare_data(recipe_path: str, overrides: list[str], workers: int = 1):
+    """``cpt prepare``: tokenizer and token shards only, ``workers`` processes tokenizing."""
     from cpt.data.prepare import prepare
 
     recipe, base_dir = load_recipe(recipe_path, overrides)
-    return prepare(recipe, base_dir, data_dir(recipe, base_dir))
+    return prepare(recipe, base_dir, data_dir(recipe, base_dir), workers=workers)
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -63,19 +63,20 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False,
-        auto_resume: bool = False) -> Path:
+        auto_resume: bool = False, workers: int = 1) -> Path:
     """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory.
     With ``resume``, continue the recipe's run directory from its newest intact checkpoint instead. With
     ``auto_resume`` (what slurm jobs run, so that a requeued job continues): resume when the run directory has
-    a checkpoint, else start the run, replacing one that was stopped before it wrote any checkpoint."""
+    a checkpoint, else start the run, replacing one that was stopped before it wrote any checkpoint.
+    ``workers`` processes tokenize the corpora that are not prepared yet."""
     if auto_resume and (resume or overwrite):
         raise CptError("--auto-resume chooses between resuming and starting by itself; drop --resume/--overwrite")
     recipe, base_dir = load_recipe(recipe_path, overrides)
     if auto_resume:
         resume, overwrite = bool(list_checkpoints(recipe.run_dir)), True
     if resume:
-        return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"))
-    return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path)
+        return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"), workers=workers)
+    return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path, workers=workers)
 
 
 def resume(run_dir: str, overrides: list[str]) -> Path:
@@ -127,7 +128,7 @@ def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any,
     return [] if old == new else [(prefix, old, new)]
 
 
-def _resume(recipe: Recipe, base_dir: Path, lineage: dict | None) -> Path:
+def _resume(recipe: Recipe, base_dir: Path, lineage: dict | None, workers: int = 1) -> Path:
     found = latest_intact(recipe.run_dir)
     if found is None:
         raise CptError(f"no intact checkpoint in {recipe.run_dir}; start the run again with `cpt run RECIPE --overwrite`")
@@ -138,12 +139,13 @@ def _resume(recipe: Recipe, base_dir: Path, lineage: dict | None) -> Path:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in blocking[:8])
         raise CptError(f"cannot resume {recipe.run_dir}: the recipe changed since {path.name} ({listed}); revert "
                        "it, or start a new run from that checkpoint with `cpt branch`")
-    return _execute(recipe, base_dir, resume_from=path, keep_rows=meta["metrics_rows"], lineage=lineage)
+    return _execute(recipe, base_dir, resume_from=path, keep_rows=meta["metrics_rows"], lineage=lineage,
+                    workers=workers)
 
 
 def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_from: Path | None = None,
              keep_rows: int | None = None, lineage: dict | None = None, carry: dict | None = None,
-             recipe_path: str | None = None) -> Path:
+             recipe_path: str | None = None, workers: int = 1) -> Path:
     """Build everything in dependency order and train: accelerator -> run dir -> data -> model -> trainer."""
     from accelerate.utils import set_seed
 
@@ -171,7 +173,7 @@ def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_fro
     accelerator.wait_for_everyone()
 
     with accelerator.main_process_first():
-        data = prepare(recipe, base_dir, data_dir(recipe, base_dir))
+        data = prepare(recipe, base_dir, data_dir(recipe, base_dir), workers=workers)
     set_seed(recipe.run.seed)
     model = build_model(recipe.model, data.tokenizer, recipe.train.seq_len, base_dir)
     metrics = MetricsLogger(run_dir, recipe.wandb, recipe.name, recipe.to_dict(), accelerator.is_main_process)

@@ -55,8 +55,9 @@ def resolve_tokenizer(recipe, base_dir: Path, data_dir: Path, fingerprints: dict
 
 
 def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, tok_fp: str,
-                   base_dir: Path, data_dir: Path) -> TokenShard:
-    """Tokenize one corpus into ``data_dir``, or reuse the shard already there with the same fingerprint."""
+                   base_dir: Path, data_dir: Path, workers: int = 1) -> TokenShard:
+    """Tokenize one corpus into ``data_dir``, or reuse the shard already there with the same fingerprint.
+    ``workers`` (processes that tokenize) is not part of the fingerprint: the shard is the same for any count."""
     fingerprint = _hash(FORMAT_VERSION, source_fp, tok_fp, config.val_fraction, config.val_max_docs, config.split_seed)
     out_dir = data_dir / f"{name}-{fingerprint[:16]}"
     manifest = out_dir / MANIFEST
@@ -67,16 +68,18 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
     info = {"tokenizer_fingerprint": tok_fp, "source_fingerprint": source_fp, "source": config.source,
             "num_files": len(files), "files": files[:1000]}
     return write_shard(name, out_dir, iter_documents(config, base_dir), tokenizer, fingerprint, info,
-                       config.val_fraction, config.val_max_docs, config.split_seed)
+                       config.val_fraction, config.val_max_docs, config.split_seed, workers=workers)
 
 
-def prepare(recipe, base_dir: Path, data_dir: Path) -> PreparedData:
-    """Tokenizer and token shards for every corpus of ``recipe``, built or reused from ``data_dir``."""
+def prepare(recipe, base_dir: Path, data_dir: Path, workers: int = 1) -> PreparedData:
+    """Tokenizer and token shards for every corpus of ``recipe``, built or reused from ``data_dir``, with
+    ``workers`` processes tokenizing each corpus."""
     data_dir.mkdir(parents=True, exist_ok=True)
     source_fps = {name: source_fingerprint(c, base_dir) for name, c in recipe.corpora.items()}
     tokenizer = resolve_tokenizer(recipe, base_dir, data_dir, source_fps)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    corpora = {name: prepare_corpus(name, c, source_fps[name], tokenizer, tok_fp, base_dir, data_dir)
+    corpora = {name: prepare_corpus(name, c, source_fps[name], tokenizer, tok_fp, base_dir, data_dir,
+                                    workers=workers)
                for name, c in recipe.corpora.items()}
     return PreparedData(tokenizer, tok_fp, corpora)
 

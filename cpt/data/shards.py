@@ -8,19 +8,26 @@ Layout of one prepared corpus directory::
         val.bin          # held-out documents, chosen by a seeded hash of their text
 
 The directory is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written shard that looks finished.
+half-written shard that looks finished. With ``workers > 1`` forked processes tokenize batches of documents
+while this one decides the split and writes, in document order: the files are the same for any count.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -34,6 +41,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
+# Documents per tokenizer call: in this process the tokenizer's own threads share a batch; workers get smaller
+# ones, so that a small corpus still gives every worker several (the python stdlib's 731 files: 3 batches of 256).
+BATCH = 256
+WORKER_BATCH = 64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -95,14 +106,17 @@ class TokenShard:
 
 def write_shard(
     name: str, out_dir: Path, documents: Iterable[str], tokenizer, fingerprint: str, info: dict,
-    val_fraction: float, val_max_docs: int | None, split_seed: int,
+    val_fraction: float, val_max_docs: int | None, split_seed: int, workers: int = 1,
 ) -> TokenShard:
     """Tokenize ``documents`` into ``out_dir`` (train/val split by document) and return the opened shard.
 
     Args:
         fingerprint: content fingerprint of sources + tokenizer + split; stored in the manifest.
         info: extra manifest fields (tokenizer fingerprint, source files...).
+        workers: processes that tokenize; 1 tokenizes in this process. The files do not depend on it.
     """
+    if workers < 1:
+        raise CptError(f"workers: expected a positive whole number, got {workers}")
     dtype = token_dtype(len(tokenizer))
     eos = tokenizer.eos_token_id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -110,26 +124,28 @@ def write_shard(
     counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     start = time.time()
     try:
-        with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val:
-            files = {"train": f_train, "val": f_val}
-            for batch in _batches(_progress(documents, name), 256):
-                splits = []
+        batches = _batches(_progress(documents, name), BATCH if workers == 1 else WORKER_BATCH)
+        # closing(): the worker pool, if any, is shut down however the loop ends.
+        with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val, \
+                closing(_encoded(batches, tokenizer, dtype, workers)) as encoded:
+            for batch, tokens, lengths in encoded:
+                held = []
                 for text in batch:
-                    held = is_held_out(text, split_seed, val_fraction)
-                    if held and val_max_docs is not None and counts["val"]["documents"] >= val_max_docs:
-                        held = False
-                    split = "val" if held else "train"
+                    in_val = is_held_out(text, split_seed, val_fraction)
+                    if in_val and val_max_docs is not None and counts["val"]["documents"] >= val_max_docs:
+                        in_val = False
+                    split = "val" if in_val else "train"
                     counts[split]["documents"] += 1
-                    splits.append(split)
-                # split_special_tokens: a document that contains "</s>" or "<|endoftext|>" as text must not
-                # get a real EOS (or any control token) in the middle of it.
-                ids = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                for split, text, doc_ids in zip(splits, batch, ids):
-                    array = np.asarray(doc_ids + [eos], dtype=dtype)
-                    array.tofile(files[split])
-                    counts[split]["tokens"] += len(array)
                     counts[split]["bytes"] += len(text.encode("utf-8"))
-            for f in files.values():
+                    held.append(in_val)
+                # Each split keeps its documents in corpus order: the batch's tokens, masked per document.
+                held_tokens = np.repeat(held, lengths)
+                tokens[~held_tokens].tofile(f_train)
+                tokens[held_tokens].tofile(f_val)
+                val_tokens = int(held_tokens.sum())
+                counts["val"]["tokens"] += val_tokens
+                counts["train"]["tokens"] += len(tokens) - val_tokens
+            for f in (f_train, f_val):
                 f.flush()
                 os.fsync(f.fileno())
         for split in SPLITS:
@@ -154,6 +170,75 @@ def write_shard(
              f"{counts['train']['tokens']:,}", counts["train"]["documents"], f"{counts['val']['tokens']:,}",
              counts["val"]["documents"], time.time() - start)
     return TokenShard.open(out_dir)
+
+
+def _encode(tokenizer, dtype: np.dtype, batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of documents as token ids, each document followed by EOS, in one flat array of ``dtype``;
+    and the length of each document's part (EOS included)."""
+    # split_special_tokens: a document that contains "</s>" or "<|endoftext|>" as text must not get a real
+    # EOS (or any control token) in the middle of it.
+    ids = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(doc + eos for doc in ids), dtype=dtype,
+                         count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _encoded(batches: Iterable[list[str]], tokenizer, dtype: np.dtype,
+             workers: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """``(batch, tokens, lengths)`` for each batch, in order: encoded here, or by ``workers`` processes with
+    at most two batches per process in flight (``Executor.map`` would read the whole corpus ahead)."""
+    if workers == 1:
+        for batch in batches:
+            yield batch, *_encode(tokenizer, dtype, batch)
+        return
+    with _worker_pool(tokenizer, dtype, workers) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_encode_in_worker, batch)))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, *future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, *future.result()
+
+
+_worker_state: tuple = ()  # (tokenizer, dtype) in a worker process
+
+
+def _start_worker(tokenizer, dtype: np.dtype) -> None:
+    global _worker_state
+    _worker_state = (tokenizer, dtype)
+    # Ctrl-C reaches the whole process group: the parent handles it (and removes its temporary directory).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _encode_in_worker(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode(*_worker_state, batch)
+
+
+@contextmanager
+def _worker_pool(tokenizer, dtype: np.dtype, workers: int) -> Iterator[Executor]:
+    """Forked tokenizing processes (the tokenizer is inherited, not pickled); shut down on the way out,
+    whether the shard was finished or not. A worker that dies raises ``BrokenProcessPool`` here instead of
+    hanging, which is why this is not a ``multiprocessing.Pool``."""
+    # The HF tokenizer's Rayon threads exist only in the parent, so a forked child that encodes in parallel
+    # would wait on them forever. The variable, set across the fork, keeps every worker on one thread (and
+    # silences tokenizers' fork warning); this process does not tokenize while the pool runs.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(tokenizer, dtype))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:

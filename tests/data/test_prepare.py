@@ -1,4 +1,4 @@
-"""Tests for cpt.data.prepare: shards and the trained tokenizer are cached by content fingerprint."""
+"""Tests for cpt.data.prepare: shards and the trained tokenizer are cached by content fingerprint; `cpt prepare`."""
 
 import shutil
 from pathlib import Path
@@ -8,8 +8,10 @@ import pytest
 import sentencepiece as spm
 from conftest import tiny_recipe, write_recipe
 
+from cpt.cli import main
 from cpt.data import prepare as prepare_module
 from cpt.data.prepare import prepare
+from cpt.data.shards import SPLITS
 from cpt.recipe import load_recipe
 
 
@@ -126,3 +128,34 @@ def test_tokenizer_by_path_reuses_shards_of_the_same_tokenizer(tiny_corpora, tmp
     second = setup.prepare()
     assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
     assert {n: s.path for n, s in second.corpora.items()} == {n: s.path for n, s in first.corpora.items()}
+
+
+def test_cli_workers_reach_write_shard_and_change_no_byte(tiny_corpora, tmp_path, monkeypatch, capsys):
+    setup = Setup(tiny_corpora, tmp_path)
+    one = setup.prepare()
+    workers = []
+    write_shard = prepare_module.write_shard
+
+    def spy(*args, **kwargs):
+        workers.append(kwargs["workers"])
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_shard", spy)
+    assert main(["prepare", str(tmp_path / "tiny.yaml"), f"run.data_dir={tmp_path / 'two'}", "--workers", "2"]) == 0
+    assert workers == [2, 2]
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    for name, shard in one.corpora.items():
+        two = Path(printed[name])
+        assert two.parent == tmp_path / "two"
+        assert two.name == shard.path.name, "the worker count must not be part of the fingerprint"
+        for split in SPLITS:
+            assert (two / f"{split}.bin").read_bytes() == (shard.path / f"{split}.bin").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["prepare", "run"])
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_cli_refuses_workers_below_one_in_one_line(recipe_file, capsys, command, workers):
+    assert main([command, str(recipe_file), "--workers", workers]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"cpt: error: --workers: expected a positive number of processes, got {workers}\n"
+    assert not (recipe_file.parent / "run").exists()

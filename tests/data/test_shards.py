@@ -1,6 +1,9 @@
-"""Tests for cpt.data.shards: exact round trip per split, the held-out split, dtypes, and corrupt or partial shards."""
+"""Tests for cpt.data.shards: exact round trip per split, the held-out split, dtypes, corrupt or partial shards, and
+tokenizing in worker processes."""
 
 import json
+import multiprocessing
+import os
 import random
 import shutil
 from pathlib import Path
@@ -9,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import tiny_recipe, write_recipe
 
+from cpt.data import shards
 from cpt.data.prepare import prepare
-from cpt.data.shards import MANIFEST, TokenShard, is_held_out, token_dtype, write_shard
+from cpt.data.shards import MANIFEST, SPLITS, TokenShard, is_held_out, token_dtype, write_shard
 from cpt.data.sources import iter_documents
 from cpt.errors import CptError
 from cpt.recipe import load_recipe
@@ -38,10 +42,10 @@ def documents_of(tokens: np.ndarray, eos: int, tokenizer) -> list[str]:
 
 
 def write(tmp_path: Path, documents, tokenizer, name: str = "c", val_fraction: float = 0.2,
-          val_max_docs: int | None = None, split_seed: int = 0) -> TokenShard:
+          val_max_docs: int | None = None, split_seed: int = 0, workers: int = 1) -> TokenShard:
     info = {"tokenizer_fingerprint": "tok"}
     return write_shard(name, tmp_path / f"{name}-0123", documents, tokenizer, "fp", info, val_fraction, val_max_docs,
-                       split_seed)
+                       split_seed, workers=workers)
 
 
 SYNTHETIC = [f"document {i}: {'word ' * (i % 7)}end\n" for i in range(300)]
@@ -239,3 +243,52 @@ def test_interrupted_rewrite_keeps_the_previous_shard(tokenizer, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
     assert (first.path / MANIFEST).read_text() == manifest
     assert TokenShard.open(first.path).train.documents == json.loads(manifest)["splits"]["train"]["documents"]
+
+
+@pytest.mark.parametrize("val_max_docs", [None, 2])
+def test_two_workers_write_the_same_bytes_as_one(prepared, tokenizer, tmp_path, monkeypatch, val_max_docs):
+    recipe, base_dir, _ = prepared
+    docs = [doc for name in ("english", "code") for doc in iter_documents(recipe.corpora[name], base_dir)]
+    # 22 documents in 8 batches: more than the 2 batches per worker in flight, so results arrive while submitting.
+    monkeypatch.setattr(shards, "WORKER_BATCH", 3)
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    one = write(tmp_path, docs, tokenizer, name="one", val_max_docs=val_max_docs)
+    two = write(tmp_path, iter(docs), tokenizer, name="two", val_max_docs=val_max_docs, workers=2)
+    assert two.val.documents == (2 if val_max_docs else one.val.documents) and two.train.documents > 0
+    for split in SPLITS:
+        assert (two.path / f"{split}.bin").read_bytes() == (one.path / f"{split}.bin").read_bytes()
+    assert two.manifest["splits"] == one.manifest["splits"]
+    assert not multiprocessing.active_children(), "the worker processes must be gone"
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == parallelism
+
+
+def test_workers_must_be_positive(tokenizer, tmp_path):
+    with pytest.raises(CptError, match="workers: expected a positive whole number, got 0"):
+        write(tmp_path, SYNTHETIC, tokenizer, workers=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+class CrashingTokenizer:
+    """The real tokenizer, raising in whichever process meets the document ``poison``."""
+
+    def __init__(self, tokenizer, poison: str):
+        self.tokenizer, self.poison = tokenizer, poison
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, batch, **kwargs):
+        if self.poison in batch:
+            raise RuntimeError(f"tokenizer crashed in process {os.getpid()}")
+        return self.tokenizer(batch, **kwargs)
+
+
+def test_a_crashing_worker_leaves_no_shard_and_no_workers(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "WORKER_BATCH", 16)
+    docs = SYNTHETIC[:100] + ["poison"] + SYNTHETIC[100:]  # the 7th of 19 batches fails
+    with pytest.raises(RuntimeError, match="tokenizer crashed in process") as failure:
+        write(tmp_path, iter(docs), CrashingTokenizer(tokenizer, "poison"), workers=2)
+    assert f"process {os.getpid()}" not in str(failure.value), "a worker, not this process, tokenizes"
+    assert list(tmp_path.iterdir()) == [], "neither a finished-looking nor a temporary directory may remain"
+    assert not multiprocessing.active_children()

@@ -82,7 +82,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     Under FSDP the loop is the DDP one: Accelerate's ``no_sync`` holds the reduce-scatter to the last
     micro-batch, and the gradient norm is taken over every rank's shards.
 
-    ``cross_entropy`` is ``cross_entropy_sum`` or, under ``train.compile``, its compiled twin.
+    ``cross_entropy`` is ``cross_entropy_sum`` or, under ``train.compile``, its compiled whole-tensor form.
 
     Returns:
         ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``

@@ -77,6 +77,35 @@ def test_token_loss_sum_is_summed_cross_entropy():
     assert token_loss_sum(model, ids[:, :-1], ids[:, 1:]).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_the_whole_fp32_loss(dtype):
+    """Several chunks (4,096 columns: 128 rows a chunk on CPU) and a short last one; ignored labels as in
+    ``F.cross_entropy``; value and gradient against the fp32 formula, the gradient in the logits' dtype."""
+    from cpt.model import ChunkedCrossEntropy, _loss_chunk_rows
+
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 4096) * 4).to(dtype)
+    labels = torch.randint(0, 4096, (300,))
+    labels[[5, 140, 299]] = -100
+    assert _loss_chunk_rows(logits) == 128
+    whole = logits.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(whole.float(), labels, reduction="sum")
+    (expected * 0.5).backward()
+    chunked = logits.clone().requires_grad_()
+    loss = ChunkedCrossEntropy.apply(chunked, labels)
+    (loss * 0.5).backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert chunked.grad.dtype == dtype
+    torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    kept = labels >= 0
+    softmax = torch.softmax(logits.float(), dim=-1)
+    onehot = torch.nn.functional.one_hot(labels.clamp_min(0), 4096).float()
+    formula = 0.5 * (softmax - onehot) * kept[:, None]
+    torch.testing.assert_close(chunked.grad.float(), formula, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    assert chunked.grad[[5, 140, 299]].abs().max().item() == 0.0
+
+
 def test_kv_heads_zero_is_rejected():
     with pytest.raises(RecipeError, match="model.arch.kv_heads: must be a positive divisor of heads=4, got 0"):
         build(ModelConfig, {"arch": {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 0}}, "model")

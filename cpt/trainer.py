@@ -67,6 +67,18 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> to
         return torch.optim.AdamW(groups, **options)
 
 
+def draw_micro_batches(stream: DataStream, stage: StageConfig, grad_accum: int,
+                       accelerator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's micro-batches of ``stream``'s next global batch (see ``rank_rows``) on its device, and for
+    each a bool per row: whether it comes from a replay source rather than ``stage``'s own mixture."""
+    rows, names = stream.next_batch()
+    own = set(stage.corpora)
+    replay = np.array([[name not in own] for name in names])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return ([to_device(s, accelerator.device) for s in rank_rows(rows, grad_accum, world, rank)],
+            [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, grad_accum, world, rank)])
+
+
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
                methods: StageMethods | None = None, replay_rows: list[torch.Tensor] | None = None,
                cross_entropy=cross_entropy_sum) -> dict[str, float]:
@@ -259,12 +271,7 @@ class Trainer:
     def next_micro_batches(self, stage: StageConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's micro-batches of the next global batch (see ``rank_rows``), and for each a bool per row:
         whether it comes from a replay source rather than the stage's own mixture."""
-        rows, names = self.stream.next_batch()
-        own = set(stage.corpora)
-        replay = np.array([[name not in own] for name in names])
-        train, world, rank = self.recipe.train, self.accelerator.num_processes, self.accelerator.process_index
-        return ([to_device(s, self.accelerator.device) for s in rank_rows(rows, train.grad_accum, world, rank)],
-                [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, train.grad_accum, world, rank)])
+        return draw_micro_batches(self.stream, stage, self.recipe.train.grad_accum, self.accelerator)
 
     def dry_run(self) -> None:
         """One forward and backward pass on a full micro-batch, so memory errors show before any training.

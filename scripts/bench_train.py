@@ -23,8 +23,8 @@ Also measured, in the same run:
   a ``metrics.jsonl`` row per step, and the end-of-stage checkpoints, each amortised over the demo's 350 steps
   and compared with the bare step;
 - data preparation: tokens/s of ``cpt.data.shards.write_shard`` on KJV and the Python stdlib with the demo's
-  sentencepiece tokenizer (``cpt prepare recipes/demo.yaml`` trains it), with the tokenizer's Rayon pool at
-  1 and 2 threads (cpt tokenizes in one process; it has no multi-process option).
+  sentencepiece tokenizer (``cpt prepare recipes/demo.yaml`` trains it), with 1 and 2 workers (``cpt prepare
+  --workers``: processes that tokenize), the two taking turns over the rounds (median).
 
 Usage::
 
@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -53,10 +54,14 @@ from benchmarks_md import write_section  # noqa: E402
 
 HEADING = "## Training throughput"
 TOKENIZER = ROOT / "runs" / "demo" / "data" / "tokenizer"
+PREPARE_CORPORA = ("kjv", "python-stdlib")
+PREPARE_WORKERS = ("1", "2")
 # name -> (ArchConfig fields, vocab, seq_len, micro_batch, grad_accum)
 CONFIGS = {
     "demo": (dict(layers=4, hidden=128, heads=4), 4096, 256, 8, 1),
     "llama-110m": (dict(layers=12, hidden=768, heads=12, intermediate=2048), 32000, 256, 2, 2),
+    # Llama-3.2-1B's shape, for a GPU (--configs llama-1b): too slow for this project's CPU machine.
+    "llama-1b": (dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192), 128256, 2048, 4, 1),
 }
 LR = 3e-4
 
@@ -246,7 +251,8 @@ def worker_hf(config: str, precision: str, steps: int, warmup: int, optim: str, 
 
 
 def worker_extras(steps: int, warmup: int) -> dict:
-    """The demo's extras, timed against the bare step: eval, metrics rows, checkpoints (demo defaults)."""
+    """The demo's extras, timed against the bare step: batch draws, eval, metrics rows, checkpoints (demo
+    defaults)."""
     import numpy as np
     from accelerate import Accelerator
 
@@ -258,7 +264,7 @@ def worker_extras(steps: int, warmup: int) -> dict:
     from cpt.runner import resolve_precision
     from cpt.trainer import build_optimizer, reuses_end_eval, train_step
 
-    recipe, _ = load_recipe(ROOT / "recipes" / "demo.yaml")
+    recipe, base_dir = load_recipe(ROOT / "recipes" / "demo.yaml")
     device, _ = device_and_dtype("no")
     precision = resolve_precision(recipe.train.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
@@ -303,17 +309,42 @@ def worker_extras(steps: int, warmup: int) -> dict:
             ckpt_times.append(time.perf_counter() - start)
             ckpt_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     stage_steps = [recipe.train.stage_steps(s) for s in recipe.stages]
+    draw_times = time_batch_draws(recipe, base_dir, stage_steps, accelerator)
     # A stage's start evaluation repeats the previous stage's end when the weights are the same (not computed).
     evals = (sum(2 + sum(recipe.eval.due(t, n) for t in range(1, n)) for n in stage_steps)
              - sum(reuses_end_eval(a, b, per_stage_engine=False) for a, b in zip(recipe.stages, recipe.stages[1:])))
     return {"precision": precision, "step": statistics.median(step_times), "log": statistics.median(log_times),
             "eval": statistics.median(eval_times), "evals": evals, "checkpoint": statistics.median(ckpt_times),
             "checkpoint_bytes": ckpt_bytes, "checkpoints": len(stage_steps), "steps": sum(stage_steps),
+            "draw": statistics.fmean(draw_times),
             "eval_every": recipe.eval.every, "eval_tokens": recipe.eval.max_tokens}
 
 
-def worker_prepare(corpus: str) -> dict:
-    """Tokenize one demo corpus with ``write_shard`` as ``cpt prepare`` does; tokens and seconds."""
+def time_batch_draws(recipe, base_dir: Path, stage_steps: list[int], accelerator) -> list[float]:
+    """Seconds to draw each step's batch of the demo run (its mixtures and replay, from its prepared shards,
+    as the trainer draws them: ``draw_micro_batches``), every step of every stage."""
+    from cpt.data.prepare import prepare
+    from cpt.data.stream import DataStream
+    from cpt.runner import data_dir
+    from cpt.trainer import draw_micro_batches
+
+    data = prepare(recipe, base_dir, data_dir(recipe, base_dir))
+    train = recipe.train
+    stream = DataStream(data.corpora, recipe.stages, stage_steps, train.seq_len, train.micro_batch * train.grad_accum,
+                        recipe.run.seed, recipe.data.max_epochs, recipe.data.replay_buffer_size)
+    times = []
+    for index, (stage, steps) in enumerate(zip(recipe.stages, stage_steps)):
+        stream.start_stage(index)
+        for _ in range(steps):
+            start = time.perf_counter()
+            draw_micro_batches(stream, stage, train.grad_accum, accelerator)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_prepare(corpus: str, workers: int) -> dict:
+    """Tokenize one demo corpus with ``write_shard`` as ``cpt prepare --workers WORKERS`` does; tokens,
+    seconds, and a digest of the token files."""
     from cpt.data.shards import write_shard
     from cpt.data.sources import CorpusConfig, iter_documents
     from cpt.data.tokenizer import load_tokenizer
@@ -324,11 +355,13 @@ def worker_prepare(corpus: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         shard = write_shard(corpus, Path(tmp) / "shard", docs, tokenizer, "bench", {}, config.val_fraction,
-                            config.val_max_docs, config.split_seed)
+                            config.val_max_docs, config.split_seed, workers=workers)
         seconds = time.perf_counter() - start
         tokens = len(shard.train.tokens) + len(shard.val.tokens)
         size = shard.train.bytes + shard.val.bytes
-    return {"tokens": tokens, "bytes": size, "documents": len(docs), "seconds": seconds}
+        digest = hashlib.sha256(b"".join((shard.path / f"{split}.bin").read_bytes() for split in ("train", "val")))
+    return {"tokens": tokens, "bytes": size, "documents": len(docs), "seconds": seconds,
+            "sha256": digest.hexdigest()}
 
 
 def worker_adamw(config: str, rounds: int) -> dict:
@@ -357,11 +390,10 @@ def worker_adamw(config: str, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_worker(args: list[str], env: dict | None = None) -> dict:
+def run_worker(args: list[str]) -> dict:
     """Run this script as a worker process; its JSON result, with its peak RSS from ``os.wait4``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker-out", out.name, *args], cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen([sys.executable, __file__, "--worker-out", out.name, *args], cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
@@ -396,6 +428,23 @@ def compare(config: str, precision: str, rounds: int, steps: int, warmup: int, o
                    flops_per_token=flops, params=sum(p.numel() for p in model.parameters()),
                    tokens_per_step=tokens, train=dict(seq_len=train.seq_len, micro_batch=train.micro_batch,
                                                       grad_accum=train.grad_accum))
+    return results
+
+
+def measure_prepare(rounds: int) -> dict:
+    """Each demo corpus tokenized with 1 and 2 workers, one process per run, the two taking turns over
+    ``rounds`` rounds; per corpus and worker count the counts and the median seconds."""
+    results: dict = {}
+    for corpus in PREPARE_CORPORA:
+        runs: dict[str, list[dict]] = {w: [] for w in PREPARE_WORKERS}
+        for r in range(rounds):
+            for workers in PREPARE_WORKERS if r % 2 == 0 else PREPARE_WORKERS[::-1]:
+                runs[workers].append(run_worker(["--worker", "prepare", "--corpus", corpus, "--workers", workers]))
+                log(f"  prepare {corpus}, round {r + 1}, {workers} worker(s): {runs[workers][-1]['seconds']:.2f} s")
+        if len({o["sha256"] for out in runs.values() for o in out}) != 1:
+            raise SystemExit(f"{corpus}: the token files differ between worker counts")
+        results[corpus] = {w: {**out[0], "seconds": statistics.median(o["seconds"] for o in out),
+                               "runs": [o["seconds"] for o in out]} for w, out in runs.items()}
     return results
 
 
@@ -482,13 +531,15 @@ def format_section(results: dict, info: dict) -> str:
                          f"| {a['for-loop'] / a['fused']:.1f}x |")
     e = results.get("extras")
     if e:
-        per_step = {"evaluation": e["eval"] * e["evals"] / e["steps"], "metrics row": e["log"],
+        per_step = {"batches": e["draw"], "evaluation": e["eval"] * e["evals"] / e["steps"], "metrics row": e["log"],
                     "checkpoints": e["checkpoint"] * e["checkpoints"] / e["steps"]}
         total = sum(per_step.values())
-        lines += ["", f"Extras at the demo's defaults ({e['precision']} as `mixed_precision: auto` resolves here; "
-                      f"{e['steps']} steps; bare `train_step` {1000 * e['step']:.1f} ms median), amortised per step:",
+        lines += ["", f"Extras at the demo's defaults (precision {e['precision']}, what `mixed_precision: auto` "
+                      f"resolves to here; {e['steps']} steps; bare `train_step` {1000 * e['step']:.1f} ms median), amortised per step:",
                   "", "| extra | cost | per step (ms) | % of the bare step |", "|---|---|---:|---:|"]
-        detail = {"evaluation": f"{e['evals']} evaluations of 2 sets x {e['eval_tokens']:,} tokens, "
+        detail = {"batches": f"each step's batch drawn from the demo's mixtures, replay included (mean over "
+                             f"{e['steps']} steps), split for the rank and made tensors",
+                  "evaluation": f"{e['evals']} evaluations of 2 sets x {e['eval_tokens']:,} tokens, "
                                 f"{e['eval']:.2f} s each",
                   "metrics row": "one `metrics.jsonl` row per step (JSON + flush)",
                   "checkpoints": f"{e['checkpoints']} (one per stage end), {e['checkpoint']:.2f} s and "
@@ -496,17 +547,10 @@ def format_section(results: dict, info: dict) -> str:
         for key, value in per_step.items():
             lines.append(f"| {key} | {detail[key]} | {1000 * value:.2f} | {100 * value / e['step']:.1f}% |")
         lines.append(f"| **total** | | {1000 * total:.2f} | **{100 * total / e['step']:.1f}%** |")
-    p = results.get("prepare")
-    if p:
-        lines += ["", "Data preparation (`write_shard` as `cpt prepare` runs it, the demo's sentencepiece tokenizer, "
-                      "vocab 4,096). cpt tokenizes in one process and has no multi-process option; the columns "
-                      "set the tokenizer's own thread pool (`RAYON_NUM_THREADS`):", "",
-                  "| corpus | documents | tokens | MB | tokens/s, 1 thread | tokens/s, 2 threads |", "|---|---:|---:|---:|---:|---:|"]
-        for corpus, by_threads in p.items():
-            one = by_threads["1"]
-            lines.append(f"| {corpus} | {one['documents']:,} | {one['tokens']:,} | {one['bytes'] / 1e6:.1f} | "
-                         + " | ".join(f"{by_threads[k]['tokens'] / by_threads[k]['seconds']:,.0f}" for k in ("1", "2"))
-                         + " |")
+        lines += ["", "Self-distillation is off at the demo's defaults; its cost (a teacher forward per micro-batch) "
+                      "is under \"Anti-forgetting methods on the demo\" (`scripts/bench_methods.py`)."]
+    if results.get("prepare"):
+        lines += ["", *format_prepare(results["prepare"], info["rounds"])]
     ratios = {name: r["ratio"] for name, r in results["compare"].items()}
     lines += ["", "Targets (issue 9):", "",
               "- cpt >= 1.1x the HF Trainer's tokens/s on this CPU: "
@@ -519,6 +563,26 @@ def format_section(results: dict, info: dict) -> str:
     if info.get("notes"):
         lines += ["", *info["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def format_prepare(p: dict, rounds: int) -> list[str]:
+    """The data-preparation paragraph and table."""
+    from cpt.data.shards import BATCH, WORKER_BATCH
+
+    lines = [f"Data preparation (`write_shard` as `cpt prepare --workers N` runs it, the demo's sentencepiece "
+             f"tokenizer, vocab 4,096; median of {rounds} run{'s' * (rounds > 1)} per cell, one process each, 1 and "
+             f"2 workers taking turns). With 1 worker the main process tokenizes batches of {BATCH} documents "
+             "on the tokenizer's own thread pool at its default (a thread per core); with 2, two forked processes "
+             f"tokenize batches of {WORKER_BATCH} on one thread each while the main process splits and writes. "
+             "Every run's token files were byte-identical (sha256):", "",
+             "| corpus | documents | tokens | MB | tokens/s, 1 worker | tokens/s, 2 workers | 2 / 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for corpus, by_workers in p.items():
+        one = by_workers["1"]
+        speed = {w: by_workers[w]["tokens"] / by_workers[w]["seconds"] for w in PREPARE_WORKERS}
+        lines.append(f"| {corpus} | {one['documents']:,} | {one['tokens']:,} | {one['bytes'] / 1e6:.1f} | "
+                     f"{speed['1']:,.0f} | {speed['2']:,.0f} | {speed['2'] / speed['1']:.2f}x |")
+    return lines
 
 
 def main() -> None:
@@ -546,13 +610,14 @@ def main() -> None:
     parser.add_argument("--optim", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         steps = args.steps or 10
         out = {"cpt": lambda: worker_cpt(args.config, args.precision, steps, args.warmup, args.variant),
                "hf": lambda: worker_hf(args.config, args.precision, steps, args.warmup, args.optim, args.variant),
                "extras": lambda: worker_extras(steps, args.warmup),
-               "prepare": lambda: worker_prepare(args.corpus),
+               "prepare": lambda: worker_prepare(args.corpus, args.workers),
                "adamw": lambda: worker_adamw(args.config, args.rounds)}[args.worker]()
         Path(args.worker_out).write_text(json.dumps(out))
         return
@@ -587,13 +652,8 @@ def main() -> None:
         results["extras"] = run_worker(["--worker", "extras", "--steps", "5" if args.quick else "15",
                                         "--warmup", str(args.warmup)])
     if not args.no_prepare and TOKENIZER.is_dir():
-        results["prepare"] = {}
-        for corpus in ("kjv", "python-stdlib"):
-            results["prepare"][corpus] = {}
-            for threads in ("1", "2"):
-                log(f"prepare {corpus}, {threads} tokenizer thread(s)")
-                results["prepare"][corpus][threads] = run_worker(["--worker", "prepare", "--corpus", corpus],
-                                                                 {"RAYON_NUM_THREADS": threads})
+        log("data preparation with 1 and 2 workers")
+        results["prepare"] = measure_prepare(rounds)
     command = "python scripts/bench_train.py" + " ".join(
         [""] + [a for a in sys.argv[1:] if a not in ("--no-write",)])
     info = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -215,10 +215,6 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def zero_stage(accelerator) -> int:
-    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
-
-
 def _is_fsdp_module(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -240,7 +236,6 @@ def full_state_dict(model, every_rank: bool = True) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     keep = every_rank or torch.distributed.get_rank() == 0
-
     module = model.module
     keys = set(module.state_dict())  # persistent entries only, as save_pretrained writes them
     state = {}

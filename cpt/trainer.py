@@ -269,8 +269,7 @@ class Trainer:
         return train.micro_batch * train.grad_accum * self.accelerator.num_processes
 
     def next_micro_batches(self, stage: StageConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """This rank's micro-batches of the next global batch (see ``rank_rows``), and for each a bool per row:
-        whether it comes from a replay source rather than the stage's own mixture."""
+        """``draw_micro_batches`` from this run's stream."""
         return draw_micro_batches(self.stream, stage, self.recipe.train.grad_accum, self.accelerator)
 
     def dry_run(self) -> None:
@@ -529,10 +528,10 @@ class Trainer:
         if self.per_stage_engine:
             gathered = distributed.full_state_dict(self.model, every_rank=False)
             weights = {k: v.to(self.module_dtype) if v.is_floating_point() else v for k, v in gathered.items()}
-        optimizer_state = (None if self.deepspeed else distributed.fsdp_optimizer_state(self.model, optimizer)
-                           if self.fsdp else optimizer.state_dict())
+        optimizer_dict = (None if self.deepspeed else distributed.fsdp_optimizer_state(self.model, optimizer)
+                          if self.fsdp else optimizer.state_dict())
         if self.accelerator.is_main_process:
-            train_state = {"optimizer": optimizer_state,
+            train_state = {"optimizer": optimizer_dict,
                            "counters": asdict(self.state), "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
                     "metrics_rows": self.metrics.rows, "lineage": self.lineage,

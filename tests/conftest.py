@@ -80,3 +80,26 @@ def read_rows(run_dir: Path) -> list[dict]:
 def comparable(rows: list[dict]) -> list[dict]:
     """Rows without their wall-clock fields, for comparing two runs."""
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs of its own, to fill up: ``small_disk(kib)`` mounts one of ``kib`` KiB and returns
+    its path. A real full file system (ENOSPC from the kernel), not a patched ``write``; needs root, as CI and
+    the developers' machines have."""
+    import os
+
+    mounts = []
+
+    def mount(kib: int) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -200,6 +200,12 @@ def _fsdp_accelerator(config: DistributedConfig, precision: str, gpu: bool):
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=plugin, cpu=not gpu)
     if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        from accelerate.state import PartialState
+
+        # Both states, as Accelerate itself ends AcceleratorState's set-up: every later AcceleratorState() (one
+        # per AcceleratedOptimizer) copies PartialState's type over its own, and the next stage's prepare
+        # would silently wrap the model in DDP instead.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
@@ -213,6 +219,13 @@ def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def engine_of(model) -> str:
+    """What actually wraps a prepared model: FSDP, DeepSpeed, DDP or none (one process), for the stage's log."""
+    if _is_fsdp_module(model):
+        return "FSDP"
+    return {"DeepSpeedEngine": "DeepSpeed", "DistributedDataParallel": "DDP"}.get(type(model).__name__, "none")
 
 
 def _is_fsdp_module(model) -> bool:

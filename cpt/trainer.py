@@ -383,14 +383,15 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         # AdamW keeps two fp32 moments per trainable parameter.
         sizes = {"trainable_params": trainable, "total_params": total, "optimizer_state_bytes": 8 * trainable}
+        engine = distributed.engine_of(self.model)
         log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s; trainable %s of %s parameters (%.1f%%), "
-                 "AdamW state %.1f MiB", index, stage.name, steps, self.global_batch, train.seq_len,
+                 "AdamW state %.1f MiB, engine %s", index, stage.name, steps, self.global_batch, train.seq_len,
                  ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()), f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total, 8 * trainable / 2**20)
+                 100 * trainable / total, 8 * trainable / 2**20, engine)
         stage_start, eval_before = time.perf_counter(), self.eval_seconds
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
-                              "step": self.state.global_step, "methods": self.methods.names(), **sizes})
+                              "step": self.state.global_step, "methods": self.methods.names(), "engine": engine, **sizes})
             previous = self.recipe.stages[index - 1] if index > 0 else None
             reuse = self._end_eval is not None and reuses_end_eval(previous, stage, self.per_stage_engine)
             self.evaluate_all(stage, self._end_eval if reuse else None)

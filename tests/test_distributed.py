@@ -122,10 +122,14 @@ def test_sharded_run_resumes_after_sigkill_and_exports_whole_weights(engine, lon
     assert "global batch 8 = micro-batch 2 x grad_accum 2 x 2 process(es)" in err
     after = loss_rows(run_dir)
     repeated = {key: loss for key, loss in after.items() if key in before and key[1] > 24}
-    # Bit for bit, but for float32 rounding: under FSDP one row in 14 differs in its last bit (5.2969856 vs
-    # 5.2969861, the same each time; the rows after it agree exactly, so the weights did).
-    assert len(repeated) >= 12 and repeated == pytest.approx({key: before[key] for key in repeated}, rel=2e-7, abs=0)
+    # Bit for bit on any CPU: the resumed run computes what the killed one did, in the same order.
+    assert len(repeated) >= 12 and repeated == {key: before[key] for key in repeated}
     assert [r["step"] for r in read_rows(run_dir) if r["kind"] == "train"] == list(range(1, 81))
+    # Every stage ran on the engine asked for, the second one included (a stage after the first once fell back
+    # to DDP unseen, and resuming it under FSDP changed its numbers in the last bits).
+    starts = [r for r in read_rows(run_dir) if r["kind"] == "stage" and r["event"] == "start"]
+    assert [(r["stage"], r["engine"]) for r in starts] == [("pretrain", name.split()[0]), ("cpt", name.split()[0])]
+    assert f"engine {name.split()[0]}" in err  # the resumed stage
 
     final = run_dir / "checkpoints" / "cpt" / "step-80"
     meta = json.loads((final / "meta.json").read_text())

@@ -9,9 +9,12 @@
 - ``config.yaml``: the resolved recipe;
 - under DeepSpeed, ``deepspeed/state/``: every rank's ZeRO optimizer shard (and fp32 master weights) in
   DeepSpeed's own format, written by the ranks into the same temporary directory (``staging_dir``);
-- ``meta.json``: readable metadata and the size and sha256 of every file, to detect truncation.
+- ``meta.json``: readable metadata, the size and sha256 of every file (to detect truncation), and the sha256
+  of its own other fields (``meta_sha256``, to detect an edit: resume trusts its step and row counts).
 
 Everything is written to a temporary directory beside the target, fsynced, and renamed when complete.
+Before a resume a checkpoint is verified (:func:`verify_checkpoint`): every file's size and hash, meta's own
+hash, and meta's counters against ``train_state.pt``'s; one that fails is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -32,10 +37,16 @@ import torch
 import yaml
 
 from cpt.config import check, field
-from cpt.errors import CptError
+from cpt.errors import CptError, space_for
 
-FORMAT_VERSION = 1
+# 2: meta.json carries meta_sha256 (version 1 checkpoints, without it, still load).
+FORMAT_VERSION = 2
 INTERNAL_FILES = ("train_state.pt", "meta.json", "config.yaml")
+# meta.json's counters that train_state.pt repeats; a resume trusts them only when both agree.
+COUNTERS = ("stage_index", "stage_step", "global_step", "tokens")
+# Weights beyond this magnitude are not those of a trained transformer (real models stay within ~1e2): a
+# checkpoint holding them (or non-finite ones) is not named as the one to go back to after a NaN loss.
+SANE_MAX_ABS = 1e3
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +123,20 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         state_dict: the model's weights when ``model`` does not hold them whole (gathered from ZeRO-3).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    needed = tensor_bytes(state_dict if state_dict is not None else model.state_dict()) + tensor_bytes(train_state)
+    with space_for(target.parent, f"checkpoint {target.name}", needed):
+        return _write_checkpoint(target, model, tokenizer, train_state, meta, config, write_extra, staging, state_dict)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state dict: about what writing it takes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in values)
+
+
+def _write_checkpoint(target, model, tokenizer, train_state, meta, config, write_extra, staging, state_dict) -> Path:
     tmp = staging or Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -123,6 +148,7 @@ def save_checkpoint(target: Path, model, tokenizer, train_state: dict, meta: dic
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"format_version": FORMAT_VERSION, **meta, "saved_at": time.time(), "files": files}
+        meta["meta_sha256"] = _meta_hash(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
         if target.exists():
@@ -146,20 +172,62 @@ def read_meta(path: Path) -> dict | None:
         return None
 
 
-def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
-    """Why a checkpoint cannot be trusted (missing, truncated or changed files), or None when it is intact."""
+def _meta_hash(meta: dict) -> str:
+    fields = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted, or None when it is intact: a missing, truncated or changed file,
+    an edited meta.json, or meta counters that disagree with ``train_state.pt``'s."""
     meta = read_meta(path)
-    if meta is None:
-        return "no readable meta.json (incomplete write?)"
-    for name, info in meta.get("files", {}).items():
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        return "no readable meta.json (incomplete write, or deleted?)"
+    for name, info in meta["files"].items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != info["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-        if hashes and sha256_file(file) != info["sha256"]:
+        if sha256_file(file) != info["sha256"]:
             return f"{name} does not match its sha256 (corrupt)"
+    if meta.get("format_version", 1) >= 2 and meta.get("meta_sha256") != _meta_hash(meta):
+        return "meta.json was edited after it was written (its checksum does not match)"
+    if "train_state.pt" in meta["files"]:
+        try:
+            state = load_train_state(path, meta, mmap=True)
+        except CptError as e:
+            return str(e)
+        del state
+    if _named_step(path, meta) != meta.get("global_step"):
+        return f"meta.json says global step {meta.get('global_step')} in {path.name} (edited?)"
     return None
+
+
+def load_train_state(path: Path, meta: dict | None = None, mmap: bool = False) -> dict:
+    """``train_state.pt``, loaded as tensors and plain values only (``weights_only``), with its counters checked
+    against ``meta`` when given.
+
+    Raises:
+        CptError: the file holds other objects or is corrupt, or it disagrees with meta.json.
+    """
+    file = path / "train_state.pt"
+    try:
+        state = torch.load(file, weights_only=True, mmap=mmap, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+            IndexError, OSError):
+        # torch's message advises weights_only=False, i.e. running whatever the file holds: never pass that on.
+        raise CptError(f"{file} is not a state cpt wrote (objects other than tensors and plain values, or corrupt); "
+                       f"resume from another checkpoint (delete {path.name})") from None
+    counters = state.get("counters") if isinstance(state, dict) else None
+    if meta is not None and isinstance(counters, dict):
+        differ = [f"{k} {meta.get(k)} vs {counters.get(k)}" for k in COUNTERS if meta.get(k) != counters.get(k)]
+        if "metrics_rows" in state and meta.get("metrics_rows") != state["metrics_rows"]:
+            differ.append(f"metrics_rows {meta.get('metrics_rows')} vs {state['metrics_rows']}")
+        if differ:
+            raise CptError(f"{path.name}: meta.json disagrees with train_state.pt ({'; '.join(differ)}); it was "
+                           "changed after it was written: resume from another checkpoint")
+    return state
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[dict, Path]]:
@@ -167,13 +235,44 @@ def list_checkpoints(run_dir: Path) -> list[tuple[dict, Path]]:
     found = []
     for path in (run_dir / "checkpoints").glob("*/step-*"):
         meta = read_meta(path)
-        if meta is not None:
+        if isinstance(meta, dict) and isinstance(meta.get("global_step"), int) and isinstance(meta.get("stage_index"), int):
             found.append((meta, path))
-    return sorted(found, key=lambda item: (item[0]["global_step"], item[0]["stage_index"]))
+    # By the step in the directory's name, which cpt wrote, rather than meta's (an edit must not reorder them).
+    return sorted(found, key=lambda item: (_named_step(item[1], item[0]), item[0]["stage_index"]))
+
+
+def _named_step(path: Path, meta: dict) -> int:
+    name = path.name.removeprefix("step-")
+    return int(name) if name.isdigit() else meta["global_step"]
+
+
+def weight_magnitude(state_dict: dict[str, torch.Tensor]) -> float:
+    """The largest absolute floating-point weight (``nan`` when any is not finite)."""
+    largest = 0.0
+    for tensor in state_dict.values():
+        if tensor.is_floating_point() and tensor.numel():
+            value = tensor.detach().abs().max().float().item()
+            if not math.isfinite(value) or not torch.isfinite(tensor).all():
+                return float("nan")
+            largest = max(largest, value)
+    return largest
+
+
+def last_sane(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose weights were finite and within :data:`SANE_MAX_ABS` when it was saved."""
+    for meta, path in reversed(list_checkpoints(run_dir)):
+        magnitude = meta.get("max_abs_weight")
+        if isinstance(magnitude, (int, float)) and math.isfinite(magnitude) and magnitude <= SANE_MAX_ABS:
+            return path
+    return None
 
 
 def latest_intact(run_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and skipped, never loaded."""
+    """The newest checkpoint that verifies; every one skipped (broken, or without a readable meta.json) is
+    reported, none of them is loaded."""
+    listed = {path for _, path in list_checkpoints(run_dir)}
+    for path in sorted(set((run_dir / "checkpoints").glob("*/step-*")) - listed):
+        log.warning("skipping checkpoint %s: no readable meta.json (incomplete write, or deleted?)", path)
     for meta, path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
@@ -214,10 +313,13 @@ def export_checkpoint(path: Path, out_dir: Path) -> Path:
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CptError(f"checkpoint {path} is not intact ({problem}); export another one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CptError(f"export directory {out_dir} is a file; choose a new directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CptError(f"export directory {out_dir} is not empty; choose a new directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for file in sorted(path.iterdir()):
-        if file.is_file() and file.name not in INTERNAL_FILES:
+    files = [file for file in sorted(path.iterdir()) if file.is_file() and file.name not in INTERNAL_FILES]
+    with space_for(out_dir, "the exported model", sum(file.stat().st_size for file in files)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for file in files:
             shutil.copy2(file, out_dir / file.name)
     return out_dir

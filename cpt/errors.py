@@ -44,6 +44,18 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+# How libraries report ENOSPC when they do not raise OSError: safetensors' message carries the OS error.
+NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+def _ran_out(e: BaseException, path: Path, needed: int | None) -> bool:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in NO_SPACE
+    # torch.save says only "unexpected pos ..." or "file write failed": less free space than the write needs
+    # (measured after the caller removed its partial output) is the sign.
+    return any(text in str(e) for text in NO_SPACE_TEXT) or (needed is not None and free_bytes(path) < needed)
+
+
 @contextlib.contextmanager
 def space_for(path: Path, what: str, needed: int | None = None) -> Iterator[None]:
     """Turn a full disk while writing ``what`` to ``path`` into a one-line :class:`DiskFullError` naming the path,
@@ -54,8 +66,8 @@ def space_for(path: Path, what: str, needed: int | None = None) -> Iterator[None
     """
     try:
         yield
-    except OSError as e:
-        if e.errno not in NO_SPACE:
+    except Exception as e:
+        if isinstance(e, CptError) or not _ran_out(e, path, needed):
             raise
         need = f", about {_size(needed)} needed" if needed else ""
         raise DiskFullError(f"no space left on the device writing {what} to {path} ({_size(free_bytes(path))} free"

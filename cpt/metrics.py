@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from cpt.config import field
+from cpt.errors import NO_SPACE, space_for
 
 
 @dataclass
@@ -42,8 +43,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {**row, "time": round(time.time(), 3)}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        with space_for(self.path, "a metrics row"):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         self.rows += 1
         if self._wandb is not None:
             prefix = f"eval/{row['set']}" if row["kind"] == "eval" else row["kind"]
@@ -52,7 +54,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:  # the row that did not fit was reported already
+                if e.errno not in NO_SPACE:
+                    raise
             self._file = None
         if self._wandb is not None:
             self._wandb.finish()

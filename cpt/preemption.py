@@ -1,12 +1,15 @@
 """Stopping cleanly when the cluster asks: SIGUSR1 (slurm's warning before a time limit, passed on by the batch
 script) or SIGTERM (preemption, ``scancel``) only sets a flag; the trainer asks :func:`stop_agreed` at every step
 boundary, writes a checkpoint and raises :class:`Preempted`, and ``cpt`` exits with :data:`EXIT_CODE` so that a
-requeued job (``cpt run RECIPE --auto-resume``) continues from that checkpoint.
+requeued job (``cpt run RECIPE --auto-resume``) continues from that checkpoint. Ctrl-C (SIGINT) does the same
+the first time; a second Ctrl-C stops at once (``KeyboardInterrupt``), without a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import subprocess
 import threading
@@ -14,9 +17,10 @@ from typing import Iterator
 
 # EX_TEMPFAIL from sysexits.h: a temporary failure, run the same command again later.
 EXIT_CODE = 75
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _received: list[str] = []
+log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
@@ -24,12 +28,18 @@ class Preempted(Exception):
 
 
 def _note(signum: int, frame) -> None:
-    _received.append(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if name == "SIGINT":
+        if "SIGINT" in _received:
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: stopping after this step with a checkpoint; press Ctrl-C again to stop now without one")
+    _received.append(name)
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """While active, SIGUSR1 and SIGTERM ask for a stop at the next step instead of killing the process.
+    """While active, SIGUSR1, SIGTERM and a first SIGINT ask for a stop at the next step instead of killing the
+    process; a second SIGINT raises ``KeyboardInterrupt``.
 
     Outside it (data preparation, model loading) the signals keep their usual effect: nothing is lost by
     dying before the first step. Signal handlers can only be set in the main thread; elsewhere this does nothing.
@@ -66,11 +76,18 @@ def stop_agreed(accelerator) -> bool:
 @contextlib.contextmanager
 def forwarded_to(process: subprocess.Popen) -> Iterator[None]:
     """While a child ``cpt`` process runs, pass SIGUSR1 and SIGTERM on to it instead of dying, so that it can
-    checkpoint and exit with :data:`EXIT_CODE` (``cpt sweep`` runs each grid point this way)."""
+    checkpoint and exit with :data:`EXIT_CODE` (``cpt sweep`` runs each grid point this way). SIGINT is passed
+    on only to a child in another process group: one in ours got the terminal's Ctrl-C itself, and a second
+    copy would read as the second Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: process.send_signal(signum)) for sig in SIGNALS}
+
+    def forward(signum, frame):
+        with contextlib.suppress(ProcessLookupError):  # it has just ended
+            if signum != signal.SIGINT or os.getpgid(process.pid) != os.getpgrp():
+                process.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     try:
         yield
     finally:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cpt.checkpoint import latest_intact, list_checkpoints, read_meta, verify_checkpoint
+from cpt import rundir
+from cpt.checkpoint import latest_intact, list_checkpoints, load_train_state, read_meta, verify_checkpoint
 from cpt.errors import CptError
 from cpt.recipe import Recipe, load_recipe
 
 log = logging.getLogger("cpt")
 
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "report", "config.yaml", "run.json")
 # Recipe keys that may change between a checkpoint and its resume: they do not touch the training math.
 HARMLESS_CHANGES = ("wandb", "checkpoint", "eval", "train.log_every", "run.data_dir", "run.dir")
 
@@ -51,17 +49,6 @@ def prepare_data(recipe_path: str, overrides: list[str], workers: int = 1):
     return prepare(recipe, base_dir, data_dir(recipe, base_dir), workers=workers)
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise CptError(f"run directory '{run_dir}' already holds a run ({', '.join(existing)}); pass "
-                       "run.dir=NEW_DIR for a new run, or --overwrite to replace it (prepared data is kept)")
-    for name in existing:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False,
         auto_resume: bool = False, workers: int = 1) -> Path:
     """``cpt run``: prepare data, train every stage, evaluate, write the report. Returns the run directory.
@@ -72,11 +59,12 @@ def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume:
     if auto_resume and (resume or overwrite):
         raise CptError("--auto-resume chooses between resuming and starting by itself; drop --resume/--overwrite")
     recipe, base_dir = load_recipe(recipe_path, overrides)
-    if auto_resume:
-        resume, overwrite = bool(list_checkpoints(recipe.run_dir)), True
-    if resume:
-        return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"), workers=workers)
-    return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path, workers=workers)
+    with rundir.locked(recipe.run_dir):
+        if auto_resume:
+            resume, overwrite = bool(list_checkpoints(recipe.run_dir)), True
+        if resume:
+            return _resume(recipe, base_dir, _read_run_info(recipe.run_dir).get("lineage"), workers=workers)
+        return _execute(recipe, base_dir, overwrite=overwrite, recipe_path=recipe_path, workers=workers)
 
 
 def resume(run_dir: str, overrides: list[str]) -> Path:
@@ -84,15 +72,14 @@ def resume(run_dir: str, overrides: list[str]) -> Path:
     run_dir = Path(run_dir)
     info = _read_run_info(run_dir)
     recipe, _ = load_recipe(run_dir / "config.yaml", [*overrides, f"run.dir={json.dumps(str(run_dir))}"])
-    return _resume(recipe, Path(info["base_dir"]), info.get("lineage"))
+    with rundir.locked(recipe.run_dir):
+        return _resume(recipe, Path(info["base_dir"]), info.get("lineage"))
 
 
 def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | None = None,
            with_optimizer: bool = False, with_data: bool = False, overwrite: bool = False) -> Path:
     """``cpt branch``: a new run whose first stage starts from ``checkpoint``'s weights (and optionally its
     optimizer state and data position), recording its lineage."""
-    import torch
-
     path = Path(checkpoint).resolve()
     problem = verify_checkpoint(path)
     if problem is not None:
@@ -105,17 +92,18 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
                "with_optimizer": with_optimizer, "with_data": with_data}
     from cpt.trainer import optimizer_state
 
-    state = torch.load(path / "train_state.pt", weights_only=True) if (with_optimizer or with_data) else {}
+    state = load_train_state(path, meta) if (with_optimizer or with_data) else {}
     carry = {"optimizer": optimizer_state(path, state) if with_optimizer else None,
              "data": state.get("data") if with_data else None}
-    return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path)
+    with rundir.locked(recipe.run_dir):
+        return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path)
 
 
 def _read_run_info(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        raise CptError(f"'{run_dir}' is not a cpt run directory (no run.json); start it with `cpt run RECIPE`") from None
+    info = rundir.read_run_info(run_dir)
+    if info is None:
+        raise CptError(f"'{run_dir}' is not a cpt run directory (no run.json); start it with `cpt run RECIPE`")
+    return info
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -162,12 +150,13 @@ def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_fro
     config_text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if accelerator.is_main_process:
         if resume_from is None:
-            _claim_run_dir(run_dir, overwrite)
+            rundir.claim(run_dir, overwrite)
             info = {"recipe": str(Path(recipe_path).resolve()) if recipe_path else None, "base_dir": str(base_dir),
                     "lineage": lineage}
             (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
         else:
-            _truncate_rows(run_dir / "metrics.jsonl", keep_rows)
+            rundir.remove_stale_staging(run_dir)
+            rundir.keep_rows(run_dir / "metrics.jsonl", keep_rows)
         (run_dir / "config.yaml").write_text(config_text)
         log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", config_text.rstrip())
     accelerator.wait_for_everyone()
@@ -190,12 +179,3 @@ def _execute(recipe: Recipe, base_dir: Path, overwrite: bool = False, resume_fro
     accelerator.end_training()
     return run_dir
 
-
-def _truncate_rows(path: Path, keep: int) -> None:
-    """Keep the first ``keep`` rows of ``metrics.jsonl``: those the checkpoint covers (no duplicates later)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines[:keep]))
-    os.replace(tmp, path)

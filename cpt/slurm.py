@@ -211,12 +211,12 @@ def launch(args: argparse.Namespace) -> str | None:
                        "run RECIPE` runs one process per GPU)")
     config = SlurmConfig.from_args(args)
     from cpt.recipe import load_recipe
-    from cpt.runner import RUN_OUTPUTS
+    from cpt import rundir
 
     recipe, _ = load_recipe(args.recipe, args.overrides)  # a recipe that does not validate fails here, not in the queue
     run_dir = recipe.run_dir
-    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if existing and not args.resume:
+    existing = [name for name in rundir.OUTPUTS if (run_dir / name).exists()]
+    if existing and not args.resume and rundir.has_progress(run_dir):
         raise CptError(f"run directory '{run_dir}' already holds a run ({', '.join(existing)}); pass run.dir=NEW_DIR "
                        "for a new run, or --resume to continue it in the job")
     if args.resume and not (run_dir / "run.json").is_file():

@@ -312,6 +312,8 @@ def execute(job: Job, log_dir: Path) -> tuple[bool, str]:
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         with preemption.forwarded_to(process):
             code = process.wait()
+    if code == 130:  # the run's second Ctrl-C: stop the sweep too
+        raise KeyboardInterrupt
     if code == preemption.EXIT_CODE:
         marker.touch()
         raise preemption.Preempted(f"{job.id} stopped after writing a checkpoint; the next attempt resumes it")

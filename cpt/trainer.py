@@ -10,7 +10,6 @@ import contextlib
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 import torch
 
 from cpt import __version__, distributed, preemption
-from cpt.checkpoint import (checkpoint_dir, list_checkpoints, load_weights, prune, read_meta, rng_state,
-                            save_checkpoint, set_rng_state, staging_dir, verify_checkpoint)
+from cpt.checkpoint import (checkpoint_dir, last_sane, list_checkpoints, load_train_state, load_weights, prune,
+                            read_meta, rng_state, save_checkpoint, set_rng_state, staging_dir, verify_checkpoint,
+                            weight_magnitude)
 from cpt.data.loader import eval_sequences
 from cpt.data.mixing import rank_rows
 from cpt.data.stream import DataStream
@@ -30,6 +30,7 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
+from cpt.progress import log_budget, stage_progress
 from cpt.model import (apply_speed_options, count_parameters, cross_entropy_for, cross_entropy_sum,
                        token_loss_sum)
 from cpt.recipe import Recipe, StageConfig, TrainConfig
@@ -207,16 +208,6 @@ def reuses_end_eval(previous: StageConfig | None, stage: StageConfig, per_stage_
             and not per_stage_engine)
 
 
-def log_budget(rows: list[dict]) -> None:
-    """Print the data budget: per stage and source, weight, tokens drawn and available, passes over it."""
-    lines = [f"{'stage':<14}{'source':<18}{'weight':>8}{'tokens':>14}{'available':>14}{'epochs':>8}"]
-    for r in rows:
-        available = "-" if r["available"] is None else f"{r['available']:,}"
-        epochs = "-" if r["epochs"] is None else f"{r['epochs']:.2f}"
-        lines.append(f"{r['stage']:<14}{r['source']:<18}{r['weight']:>8.3f}{r['tokens']:>14,}{available:>14}{epochs:>8}")
-    log.info("data budget (epochs = passes over the source by the stage's end):\n%s", "\n".join(lines))
-
-
 class Trainer:
     """Runs a recipe's stages on a prepared model and data, logging metrics and writing checkpoints."""
 
@@ -311,7 +302,7 @@ class Trainer:
         Returns:
             (stage index, completed steps in it) to continue from.
         """
-        train_state = torch.load(path / "train_state.pt", weights_only=True)
+        train_state = load_train_state(path, read_meta(path))
         load_weights(self.accelerator.unwrap_model(self.model), path)
         self.state = TrainState(**train_state["counters"])
         self.stream.load_state_dict(train_state["data"])
@@ -396,7 +387,7 @@ class Trainer:
             reuse = self._end_eval is not None and reuses_end_eval(previous, stage, self.per_stage_engine)
             self.evaluate_all(stage, self._end_eval if reuse else None)
         self._end_eval = None
-        progress = self._progress(stage, steps)
+        progress = stage_progress(stage.name, steps, train.log_every, self.accelerator.is_main_process)
         for t in range(start_step + 1, steps + 1):
             lr = lr_at(stage.schedule, t, steps)
             for group in optimizer.param_groups:
@@ -407,9 +398,9 @@ class Trainer:
                 metrics = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip,
                                      self.methods, replay_rows, self.cross_entropy)
             except NonFiniteLossError as e:
-                last = self.last_checkpoint or "none yet"
+                sane = last_sane(self.run_dir) or "none with sane weights"
                 raise NonFiniteLossError(f"{e} at stage '{stage.name}' step {t}; weights were not updated. Lower "
-                                         f"the stage's peak_lr or check its data; last checkpoint: {last}") from None
+                                         f"the stage's peak_lr or check its data; last sane checkpoint: {sane}") from None
             step_tokens = self.global_batch * train.seq_len
             self.state.stage_step, self.state.global_step = t, self.state.global_step + 1
             self.state.tokens += step_tokens
@@ -490,7 +481,7 @@ class Trainer:
         if not final or verify_checkpoint(final[-1]) is not None:
             raise CptError(f"stage '{name}' has no intact final checkpoint in {self.run_dir} to start from")
         load_weights(self.accelerator.unwrap_model(self.model), final[-1])
-        self.stream.load_state_dict(torch.load(final[-1] / "train_state.pt", weights_only=True)["data"])
+        self.stream.load_state_dict(load_train_state(final[-1])["data"])
         log.info("starting from the end of stage '%s' (%s)", name, final[-1])
 
     def evaluate_all(self, stage: StageConfig, known: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -532,8 +523,8 @@ class Trainer:
         optimizer_dict = (None if self.deepspeed else distributed.fsdp_optimizer_state(self.model, optimizer)
                           if self.fsdp else optimizer.state_dict())
         if self.accelerator.is_main_process:
-            train_state = {"optimizer": optimizer_dict,
-                           "counters": asdict(self.state), "data": self.stream.state_dict(), "rng": rng_state()}
+            train_state = {"optimizer": optimizer_dict, "counters": asdict(self.state), "metrics_rows": self.metrics.rows,
+                           "data": self.stream.state_dict(), "rng": rng_state()}
             meta = {"run": self.recipe.name, "stage": stage.name, **asdict(self.state), "stage_steps": steps,
                     "metrics_rows": self.metrics.rows, "lineage": self.lineage,
                     "stage_complete": self.state.stage_step == steps, "world_size": self.accelerator.num_processes,
@@ -543,6 +534,7 @@ class Trainer:
                     "tokenizer_fingerprint": self.data.tokenizer_fingerprint, "cpt_version": __version__}
             meta["methods"] = self.methods.record()
             module = self.accelerator.unwrap_model(self.model)
+            meta["max_abs_weight"] = weight_magnitude(weights if weights is not None else module.state_dict())
             model, write_extra = self.methods.checkpoint_parts(module)
             save_checkpoint(target, model, self.data.tokenizer, train_state, meta, self.recipe.to_dict(), write_extra,
                             staging=staging, state_dict=weights if model is module else None)
@@ -563,25 +555,3 @@ class Trainer:
                         "continues from it", preemption.received() or "a stop signal on another rank",
                         self.state.global_step, self.last_checkpoint, preemption.EXIT_CODE)
         raise preemption.Preempted(str(self.last_checkpoint))
-
-    def _progress(self, stage: StageConfig, steps: int):
-        """A progress bar on a terminal; plain log lines every ``train.log_every`` steps otherwise."""
-        if not self.accelerator.is_main_process:
-            return lambda row: None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=stage.name, unit="step", leave=True)
-
-            def update(row):
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if row["stage_step"] == steps:
-                    bar.close()
-            return update
-
-        def line(row):
-            if row["stage_step"] % self.recipe.train.log_every == 0 or row["stage_step"] == steps:
-                log.info("%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s", stage.name, row["stage_step"],
-                         steps, row["loss"], row["lr"], row["grad_norm"], row["tokens_per_s"])
-        return line

@@ -216,7 +216,7 @@ def test_bad_values_are_refused_in_one_line(base_recipe, capsys, options, messag
 
 def test_refusals_of_the_run_directory_and_of_options_without_slurm(base_recipe, capsys):
     path, run_dir = recipe_at(base_recipe, "busy")
-    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "cpt" / "step-4").mkdir(parents=True)  # progress: a run not to start over
     cases = [(["launch", str(path), "--slurm"], "already holds a run (checkpoints); pass run.dir=NEW_DIR"),
              (["launch", str(path), "run.dir=" + str(run_dir.parent / "free"), "--slurm", "--resume"],
               "holds no run to continue"),

@@ -70,6 +70,7 @@ def test_killed_run_resumes_bit_identically(recipe_dict, uninterrupted):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping checkpoint" in result.stderr and "step-50" in result.stderr and "truncated" in result.stderr
     assert "resuming from" in result.stderr and "step-40" in result.stderr
+    assert "removed 1 unfinished checkpoint write" in result.stderr and not (ckpts / ".step-50-partial").exists()
     # Bit-identical losses, and no duplicate or missing metrics rows.
     assert comparable(rows_of(run_dir)) == comparable(rows_of(uninterrupted))
     # keep_last=2 mid-stage checkpoints plus every stage's final one
@@ -148,3 +149,58 @@ def test_run_with_resume_flag_continues_the_recipes_run(recipe_dict, uninterrupt
     assert "resuming from" in result.stderr and comparable(rows_of(uninterrupted)) == before
     missing = cpt("run", str(root / "full.yaml"), "--resume", f"run.dir={root / 'nowhere'}")
     assert missing.returncode == 2 and "is not a cpt run directory" in missing.stderr
+
+
+def test_edited_or_missing_metadata_is_never_trusted(recipe_dict, uninterrupted):
+    """meta.json says where a resume starts and how many metrics rows it keeps: an edit (even one that fixes
+    the checksum) or a missing file is skipped with a warning naming it, and an older checkpoint is used."""
+    _, root = recipe_dict
+    run_dir = root / "edited"
+    shutil.copytree(uninterrupted, run_dir)
+    ckpts = run_dir / "checkpoints" / "cpt"
+    meta = json.loads((ckpts / "step-100" / "meta.json").read_text())
+    meta["metrics_rows"] = 3  # would cut metrics.jsonl to 3 rows
+    (ckpts / "step-100" / "meta.json").write_text(json.dumps(meta))
+    from cpt.checkpoint import _meta_hash
+
+    meta = json.loads((ckpts / "step-90" / "meta.json").read_text())
+    meta["global_step"] = 10  # would roll the run back, checksum recomputed
+    meta["meta_sha256"] = _meta_hash(meta)
+    (ckpts / "step-90" / "meta.json").write_text(json.dumps(meta))
+    (ckpts / "step-80" / "meta.json").unlink()
+    result = cpt("resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = result.stderr
+    assert "step-100" in err and "was edited after it was written" in err
+    assert "step-90" in err and "disagrees with train_state.pt (global_step 10 vs 90)" in err
+    assert "skipping checkpoint" in err and "step-80: no readable meta.json" in err
+    assert "resuming from" in err and "pretrain/step-20" in err
+    assert comparable(rows_of(run_dir)) == comparable(rows_of(uninterrupted))
+
+
+def test_a_tampered_train_state_is_one_line(recipe_dict, uninterrupted, tmp_path):
+    """A train_state.pt that pickles an object (not tensors and plain values) is refused in one line, without
+    torch's advice to load it with weights_only=False, and its code never runs."""
+    import pickle
+
+    _, root = recipe_dict
+    run_dir = tmp_path / "tampered"
+    shutil.copytree(uninterrupted, run_dir)
+    from cpt.checkpoint import _meta_hash, sha256_file
+
+    for ckpt in run_dir.glob("checkpoints/*/step-*"):
+        with open(ckpt / "train_state.pt", "wb") as f:
+            pickle.dump(subprocess.Popen, f)  # an arbitrary global, as a malicious file would reference
+        meta = json.loads((ckpt / "meta.json").read_text())  # resealed, as a careful attacker would
+        meta["files"]["train_state.pt"] = {"bytes": (ckpt / "train_state.pt").stat().st_size,
+                                           "sha256": sha256_file(ckpt / "train_state.pt")}
+        meta["meta_sha256"] = _meta_hash(meta)
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    branch = cpt("branch", str(run_dir / "checkpoints" / "cpt" / "step-100"), str(root / "full.yaml"),
+                 f"run.dir={tmp_path / 'child'}", "--with-optimizer")
+    assert branch.returncode == 2 and branch.stderr.count("\n") == 1, branch.stderr[-2000:]
+    assert "weights_only" not in branch.stderr and "Traceback" not in branch.stderr
+    assert "train_state.pt is not a state cpt wrote" in branch.stderr
+    resumed = cpt("resume", str(run_dir))
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr and "weights_only" not in resumed.stderr
+    assert "not a state cpt wrote" in resumed.stderr and "no intact checkpoint" in resumed.stderr, resumed.stderr[-2000:]

@@ -173,3 +173,23 @@ def test_a_full_disk_in_resumes_metrics_rewrite_leaves_the_file(small_disk):
     with pytest.raises(CptError, match="no space left"):
         rundir.keep_rows(metrics, 290)
     assert metrics.read_bytes() == before and not (disk / "metrics.tmp").exists()
+
+
+def test_export_refuses_a_file_and_a_metrics_row_that_does_not_fit_is_one_line(short, small_disk, tmp_path):
+    make, root = short
+    run_dir = root / "exported"
+    assert cpt("run", str(make("exported"))).returncode == 0
+    final = run_dir / "checkpoints" / "cpt" / "step-4"
+    (tmp_path / "model").write_text("not a directory")
+    one_line_error(cpt("export", str(final), str(tmp_path / "model")), "is a file")
+    assert (tmp_path / "model").read_text() == "not a directory"
+
+    from cpt.metrics import MetricsLogger, WandbConfig
+
+    disk = small_disk(16)
+    metrics = MetricsLogger(disk, WandbConfig(), "run", {})
+    with pytest.raises(CptError, match="no space left on the device writing a metrics row"):
+        for step in range(10_000):
+            metrics.log({"kind": "train", "step": step, "pad": "x" * 200})
+    metrics.close()
+    assert read_rows(disk)  # the complete rows before it are all there

@@ -85,7 +85,23 @@ def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) ->
     elif vocab > rows or rows - vocab >= 128:
         raise CptError(f"tokenizer has {vocab} tokens but the model's embeddings have {rows} rows; use the model's "
                        "own tokenizer, or set model.resize_embeddings: true to resize them")
+    _check_positions(model, seq_len, path)
     return model
+
+
+def _check_positions(model: torch.nn.Module, seq_len: int, path: Path) -> None:
+    """Refuse a ``seq_len`` beyond a pretrained model's positions when they are learned (GPT-2's ``wpe`` would
+    index past its table); warn when they are rotary (Llama runs, but past the context it was trained on)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or seq_len <= positions:
+        return
+    if any("rotary" in name for name, _ in model.named_modules()):
+        log.warning("train.seq_len %d is longer than the %d positions %s was trained on: rotary positions "
+                    "extrapolate poorly; set rope_scaling in its config.json to extend the context on purpose",
+                    seq_len, positions, path)
+        return
+    raise CptError(f"train.seq_len {seq_len} is longer than the {positions} positions of {path}'s position "
+                   f"embeddings; set train.seq_len to {positions} or less")
 
 
 def _loss_chunk_rows(logits_NV: torch.Tensor) -> int:

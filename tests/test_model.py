@@ -144,3 +144,26 @@ def test_speed_options_train_like_the_plain_model(option):
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in curves[True]] == pytest.approx([m[key] for m in curves[False]], rel=1e-5)
     assert curves[False][-1]["loss"] < curves[False][0]["loss"] - 0.1  # it trained
+
+
+def test_seq_len_beyond_learned_positions_is_one_line_and_beyond_rotary_a_warning(tmp_path, caplog):
+    """GPT-2's learned positions end at n_positions: 64 tokens through a 32-position model is an IndexError deep in
+    the forward; cpt says so before training. A rotary model runs past its context, with a warning."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(IndexError):
+        gpt2(torch.zeros(1, 64, dtype=torch.long))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    config = build(ModelConfig, {"init": "gpt2"})
+    with pytest.raises(CptError) as e:
+        build_model(config, Vocab(100), 64, tmp_path)
+    assert str(e.value) == (f"train.seq_len 64 is longer than the 32 positions of {tmp_path / 'gpt2'}'s position "
+                            "embeddings; set train.seq_len to 32 or less")
+    assert build_model(config, Vocab(100), 32, tmp_path).config.n_positions == 32
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path / "rope")
+    with caplog.at_level("WARNING", logger="cpt.model"):
+        build_model(build(ModelConfig, {"init": "rope"}), Vocab(100), 64, tmp_path)
+    assert "train.seq_len 64 is longer than the 32 positions" in caplog.text and "rope_scaling" in caplog.text

@@ -1,7 +1,8 @@
 """Data preparation: resolve the recipe's tokenizer and tokenize every corpus into cached token shards.
 
 Everything is cached by content fingerprint: a second run with the same sources and tokenizer reuses the
-shards; a changed source file, reading option, split setting or tokenizer re-tokenizes.
+shards; a changed source file, reading option, split setting or tokenizer re-tokenizes. A full disk stops with
+one line naming the path and about how much space is needed; what was finished before stays usable.
 """
 
 from __future__ import annotations
@@ -64,11 +65,13 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
     if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
         log.info("corpus '%s': reusing %s", name, out_dir)
         return TokenShard.open(out_dir, tok_fp)
-    files = [str(p) for p in source_files(config, base_dir)]
+    paths = source_files(config, base_dir)
+    files = [str(p) for p in paths]
     info = {"tokenizer_fingerprint": tok_fp, "source_fingerprint": source_fp, "source": config.source,
             "num_files": len(files), "files": files[:1000]}
     return write_shard(name, out_dir, iter_documents(config, base_dir), tokenizer, fingerprint, info,
-                       config.val_fraction, config.val_max_docs, config.split_seed, workers=workers)
+                       config.val_fraction, config.val_max_docs, config.split_seed, workers=workers,
+                       source_bytes=None if config.max_docs else sum(p.stat().st_size for p in paths))
 
 
 def prepare(recipe, base_dir: Path, data_dir: Path, workers: int = 1) -> PreparedData:

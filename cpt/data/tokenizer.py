@@ -13,15 +13,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 from cpt.config import check, field
-from cpt.errors import CptError
+from cpt.errors import CptError, space_for
 
 
 # Part of a trained tokenizer's fingerprint: bump it when the trainer's settings change, so that tokenizers
 # cached by an older cpt are retrained instead of reused (2: no dummy prefix, exact round trip).
 TRAINER_VERSION = 2
+# A saved tokenizer takes about this many times the bytes of its sentencepiece model (4.2x measured for a
+# 512-token BPE model: tokenizer.model, tokenizer.json, the configs); a full disk is told this much is needed.
+SAVED_SIZE_FACTOR = 5
 
 
 @dataclass
@@ -75,6 +78,11 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
     Reuses ``out_dir`` when it already holds a tokenizer trained with the same ``fingerprint``. The
     settings keep text exactly recoverable (identity normalisation, byte fallback, whitespace kept, no dummy
     prefix), which code needs, and the saved tokenizer gives the sentencepiece model's own ids.
+
+    Raises:
+        CptError: sentencepiece cannot train on the text (too little of it for the vocabulary), or what
+            ``texts`` raised while training read it (a malformed corpus file), unchanged.
+        DiskFullError: ``out_dir``'s disk is full; the tokenizer that was there, if any, is intact.
     """
     import sentencepiece as spm
 
@@ -82,24 +90,47 @@ def train_sentencepiece(config: TrainTokenizerConfig, texts: Iterable[str], fing
     if stamp.is_file() and stamp.read_text().strip() == fingerprint:
         return load_tokenizer(out_dir)
     model = io.BytesIO()
+    failed: list[BaseException] = []
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
+            sentence_iterator=_remembering(texts, failed), model_writer=model, vocab_size=config.vocab_size,
             model_type=config.model_type, byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
             add_dummy_prefix=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
             max_sentence_length=1 << 24, input_sentence_size=1_000_000, shuffle_input_sentence=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2,
         )
     except RuntimeError as e:
-        raise CptError(f"sentencepiece training failed: {e}; lower tokenizer.train.vocab_size or add text") from None
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
-    (tmp / "tokenizer.model").write_bytes(model.getvalue())
-    _hf_tokenizer(model.getvalue(), config.model_type, tmp).save_pretrained(tmp)
-    (tmp / "cpt_fingerprint.txt").write_text(fingerprint + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        if failed:
+            # sentencepiece wraps what the iterator raised in a RuntimeError holding its traceback as text; the
+            # reader's own error (a malformed JSONL line, garbage bytes) is the one to show, as it was raised.
+            raise failed[0] from None
+        raise CptError(f"sentencepiece training failed: {str(e).strip()}; lower tokenizer.train.vocab_size "
+                       "or add text") from None
+    if failed:
+        raise failed[0]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with space_for(out_dir, "the trained tokenizer", SAVED_SIZE_FACTOR * len(model.getvalue())):
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
+        try:
+            (tmp / "tokenizer.model").write_bytes(model.getvalue())
+            _hf_tokenizer(model.getvalue(), config.model_type, tmp).save_pretrained(tmp)
+            (tmp / "cpt_fingerprint.txt").write_text(fingerprint + "\n")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return load_tokenizer(out_dir)
+
+
+def _remembering(texts: Iterable[str], failed: list[BaseException]) -> Iterator[str]:
+    """``texts``, keeping in ``failed`` what iterating them raised (sentencepiece turns it into text)."""
+    try:
+        yield from texts
+    except BaseException as e:
+        failed.append(e)
+        raise
 
 
 def _hf_tokenizer(model_proto: bytes, model_type: str, tmp: Path):

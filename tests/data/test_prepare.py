@@ -1,6 +1,7 @@
 """Tests for cpt.data.prepare: shards and the trained tokenizer are cached by content fingerprint; `cpt prepare`."""
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,37 @@ def test_cli_refuses_workers_below_one_in_one_line(recipe_file, capsys, command,
     out, err = capsys.readouterr()
     assert out == "" and err == f"cpt: error: --workers: expected a positive number of processes, got {workers}\n"
     assert not (recipe_file.parent / "run").exists()
+
+
+@pytest.mark.parametrize("kib, fails, finished", [(20, "the trained tokenizer", []),
+                                                  (100, "the token shard of corpus 'code'", ["english", "tokenizer"])])
+def test_full_disk_is_one_line_and_a_bigger_disk_finishes(tiny_corpora, tmp_path, small_disk, capsys, kib, fails,
+                                                          finished):
+    """A tmpfs too small for the tokenizer (20 KiB), or for the second corpus (100 KiB: the tokenizer and 'english'
+    fit): one line, nothing half-written, and the same disk made bigger finishes without redoing what was done."""
+    setup = Setup(tiny_corpora, tmp_path)
+    reference = setup.prepare()
+    capsys.readouterr()  # what that logged (to a handler an earlier test's main() may have left on a closed stream)
+    recipe = str(write_recipe(tmp_path / "tiny.yaml", setup.raw))
+    disk = small_disk(kib)
+    assert main(["prepare", recipe, f"run.data_dir={disk}"]) == 2
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if line.startswith("cpt: error:")]
+    assert err.endswith(line + "\n")
+    target = disk / ("tokenizer" if fails.endswith("tokenizer") else reference.corpora["code"].path.name)
+    assert line.startswith(f"cpt: error: no space left on the device writing {fails} to {target} (")
+    assert "KiB needed" in line and "Traceback" not in err
+    left = sorted(p.name for p in disk.iterdir())
+    assert [name.split("-")[0] for name in left] == finished, "no hidden temporary directory, no half shard"
+    done = snapshot(disk)
+    for name in left:
+        assert (disk / name / ("cpt_fingerprint.txt" if name == "tokenizer" else "manifest.json")).is_file()
+
+    subprocess.run(["mount", "-o", "remount,size=1024k", str(disk)], check=True)
+    assert main(["prepare", recipe, f"run.data_dir={disk}"]) == 0
+    capsys.readouterr()
+    after = snapshot(disk)
+    assert {k: after[k] for k in done} == done, "what was finished before is reused, not rewritten"
+    for name, shard in reference.corpora.items():
+        for split in SPLITS:
+            assert (disk / shard.path.name / f"{split}.bin").read_bytes() == (shard.path / f"{split}.bin").read_bytes()

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,39 @@ def test_text_file_with_invalid_utf8_is_replaced(tmp_path):
     assert read(tmp_path, "a.txt") == ["ok \ufffd end"]
 
 
+def test_a_few_bad_bytes_warn_with_the_share(tmp_path, caplog):
+    # 4 bad bytes in 2,000 characters: 0.2%, above the warning share; a real U+FFFD in the text does not count.
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe" + "\ufffd".encode() + b"x" * 995 + b"\xff\xfe")
+    write(tmp_path / "b.txt", "y" * 1000)
+    with caplog.at_level("WARNING", logger="cpt.data.sources"):
+        assert len(read(tmp_path, "*.txt")) == 2
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "corpus source '*.txt': 0.20% of its characters (4 of 2,000) are not valid UTF-8" in warning
+    caplog.clear()
+    write(tmp_path / "clean" / "c.txt", "clean \ufffd text")
+    with caplog.at_level("WARNING", logger="cpt.data.sources"):
+        read(tmp_path, "clean")
+    assert not caplog.records
+
+
+def test_random_bytes_are_not_a_text_corpus(tmp_path):
+    (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(64 * 1024))
+    message = error_of(tmp_path, "noise.txt")
+    assert message.startswith("corpus source 'noise.txt': ") and "% of its characters are not valid UTF-8" in message
+    assert "is it a text file?" in message and "\n" not in message
+
+
+def test_garbage_stops_the_corpus_before_its_end(tmp_path, monkeypatch):
+    """A reader that stops early (the tokenizer trainer reads a prefix) still gets the error."""
+    monkeypatch.setattr(sources, "REPLACED_CHECK_CHARS", 1000)
+    for i in range(3):
+        (tmp_path / "d" / f"{i}.bin").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{i}.bin").write_bytes(random.Random(i).randbytes(4096))
+    docs = iter_documents(CorpusConfig(source="d"), tmp_path)
+    with pytest.raises(CptError, match="not valid UTF-8"):
+        next(docs)
+
+
 def test_relative_source_resolves_against_base_dir_and_absolute_ignores_it(tmp_path):
     path = write(tmp_path / "sub" / "a.txt", "hello")
     assert read(tmp_path, "sub/a.txt") == ["hello"]
@@ -102,6 +136,36 @@ def test_recursive_glob_reads_a_matched_dataset_directory_once(tmp_path):
     write(tmp_path / "d" / "a.txt", "A")
     datasets.Dataset.from_dict({"text": ["h1", "h2"]}).save_to_disk(str(tmp_path / "d" / "ds"))
     assert read(tmp_path, "d/**") == ["A", "h1", "h2"]
+
+
+def symlink_loop(root: Path) -> Path:
+    """``root/a`` with 4 files and ``root/a/back -> ..`` (``root`` itself), plus ``root/a/same.py -> f0.py``."""
+    for i in range(4):
+        write(root / "a" / f"f{i}.py", f"doc {i}")
+    os.symlink("..", root / "a" / "back")
+    os.symlink("f0.py", root / "a" / "same.py")
+    return root
+
+
+@pytest.mark.parametrize("source", ["loop/**/*.py", "loop", "loop/a"])
+def test_symlink_loop_is_read_once_with_a_warning(tmp_path, caplog, source):
+    symlink_loop(tmp_path / "loop")
+    with caplog.at_level("WARNING", logger="cpt.data.sources"):
+        assert read(tmp_path, source) == ["doc 0", "doc 1", "doc 2", "doc 3"]
+        assert [f.name for f in source_files(CorpusConfig(source=source), tmp_path)] == [f"f{i}.py" for i in range(4)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, "one line per skipped directory, not one per reading"
+    assert f"skipping symlinked directory {tmp_path / 'loop' / 'a' / 'back'}" in warnings[0]
+    assert "symlink loop" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_symlinked_directory_outside_the_source_is_followed(tmp_path, caplog):
+    write(tmp_path / "elsewhere" / "x.txt", "X")
+    write(tmp_path / "d" / "a.txt", "A")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "linked")
+    assert read(tmp_path, "d") == ["A", "X"]
+    assert read(tmp_path, "d/**/*.txt") == ["A", "X"]
+    assert not caplog.records
 
 
 def test_jsonl_skips_blank_lines_and_reads_text_field(tmp_path):

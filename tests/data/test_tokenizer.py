@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import run_cpt, tiny_recipe, write_recipe
 
 from cpt.data.sources import CorpusConfig, iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, load_tokenizer, tokenizer_fingerprint, train_sentencepiece
@@ -154,3 +155,31 @@ def test_load_tokenizer_missing_directory(tmp_path):
 def test_load_tokenizer_empty_directory(tmp_path):
     with pytest.raises(CptError, match="could not load a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_an_error_reading_the_texts_passes_through_unchanged(corpus_texts, tmp_path):
+    problem = CptError("corpus.jsonl line 7: not valid JSON")
+
+    def texts():
+        yield from corpus_texts
+        raise problem
+
+    with pytest.raises(CptError) as info:
+        train_sentencepiece(TrainTokenizerConfig(vocab_size=512), texts(), "fp", tmp_path / "tok")
+    assert info.value is problem and "vocab_size" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_prepare_with_a_malformed_jsonl_line_says_only_that(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine text"}\n{"text": oops}\n')
+    recipe = tiny_recipe(tmp_path, tmp_path / "run")
+    recipe["corpora"] = {"english": {"source": str(tmp_path / "bad.jsonl")}}
+    recipe["eval"]["sets"] = {"upstream": "english"}
+    recipe["stages"] = [{"name": "only", "steps": 2, "mixture": {"english": 1.0}}]
+    done = run_cpt("prepare", str(write_recipe(tmp_path / "bad.yaml", recipe)))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("cpt: error:")]
+    assert errors == [f"cpt: error: {tmp_path / 'bad.jsonl'} line 2: not valid JSON (Expecting value: line 1 column 10 "
+                      "(char 9)); each line must be one JSON object"]
+    assert "Traceback" not in done.stderr and "vocab_size" not in done.stderr
+    assert done.stderr.endswith(errors[0] + "\n")

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from pathlib import Path
 
 import yaml
+
 from cpt.errors import CptError
 from cpt.plots import of_kind, plot_comparison, plot_curves, plot_gap_zoom, run_label
 from cpt.stability import stability_report
 
+log = logging.getLogger(__name__)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Parse a ``metrics.jsonl`` file into its rows, in file order; blank lines are skipped.
+
+    A run killed while writing a row leaves a partial last line without its newline: that line is skipped with
+    a warning, so the report of a killed run can still be written. A bad line anywhere else is an error.
 
     Args:
         path: the JSONL file, one JSON object per line.
@@ -30,23 +38,40 @@ def read_metrics(path: Path) -> list[dict]:
         Every row, including kinds this module does not use (callers filter on ``row["kind"]``).
 
     Raises:
-        CptError: a line is not a JSON object; the message names the file and line number.
+        CptError: a line is not UTF-8 text or not a JSON object; the message names the file and line number.
     """
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    for lineno, raw in enumerate(lines, start=1):
+        cut = lineno == len(lines)  # after the last newline: empty, or a row the writer never finished
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # A kill can cut a row inside a multi-byte character; a row starts with "{" (cpt writes objects).
+            if cut and raw.startswith(b"{"):
+                _skip_partial(path, lineno)
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CptError(f"{path}:{lineno}: malformed metrics line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise CptError(f"{path}:{lineno}: malformed metrics line (expected a JSON object)")
-            rows.append(row)
+            raise CptError(f"{path}:{lineno}: not UTF-8 text (a binary file?); metrics.jsonl holds one JSON object "
+                           "per line, as `cpt run` writes it") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if cut and line.startswith("{"):
+                _skip_partial(path, lineno)
+                continue
+            raise CptError(f"{path}:{lineno}: malformed metrics line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise CptError(f"{path}:{lineno}: malformed metrics line (expected a JSON object)")
+        rows.append(row)
     return rows
 
 
+def _skip_partial(path: Path, lineno: int) -> None:
+    log.warning("%s:%d: skipped a partial last line (no newline: the run was stopped while writing it)",
+                path, lineno)
 
 
 def stage_table(rows: list[dict]) -> list[dict]:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from scipy.optimize import brentq
 
+from cpt.cli import main
 from cpt.errors import CptError
 from cpt.laws.cli import add_commands, count, dispatch
 from cpt.laws.dcpt import DCPT
@@ -139,6 +140,29 @@ def test_plan_on_measured_points_gives_the_papers_0924(tmp_path, capsys):
         run("plan", "--measured", "0.9-2.9", "--pre-cpt-loss", "2.8")
 
 
+@pytest.mark.parametrize("measured, message", [
+    ("", "--measured is empty; give domain ratio:general loss pairs separated by commas, e.g. 0.9:2.905,0.93:2.964"),
+    ("0.9:nan,0.95:2.9", "--measured: loss nan in 0.9:nan is not a loss; losses must be finite and > 0 (nats/token)"),
+    ("nan:2.9", "--measured: ratio nan in nan:2.9 is not a domain share; ratios must be in (0, 1]"),
+    ("0.9:2.9,3:2.95", "--measured: ratio 3 in 3:2.95 is not a domain share; ratios must be in (0, 1]"),
+    ("0:2.9", "--measured: ratio 0 in 0:2.9 is not a domain share"),
+    ("-2:2.9", "--measured: ratio -2 in -2:2.9 is not a domain share"),
+])
+def test_plan_refuses_measured_points_that_are_not_shares_and_losses(capsys, measured, message):
+    """Before: '' fell through to --law-fit's error, NaN and 3.0 printed a mixture with a general weight of -2."""
+    assert main(["plan", f"--measured={measured}", "--pre-cpt-loss", "2.86", "--tolerance", "0.03"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("cpt: error: " + message) and err.count("\n") == 1
+
+
+def test_plan_refuses_a_nan_tolerance_and_pre_cpt_loss(capsys):
+    points = "0.9:2.9,0.95:2.95"
+    assert main(["plan", "--measured", points, "--pre-cpt-loss", "nan", "--tolerance", "0.03"]) == 2
+    assert "--pre-cpt-loss must be a finite loss > 0" in capsys.readouterr().err
+    assert main(["plan", "--measured", points, "--pre-cpt-loss", "2.8", "--tolerance", "nan"]) == 2
+    assert "--tolerance must be a relative rise >= 0" in capsys.readouterr().err
+
+
 def test_cmr_round_trip(tmp_path, capsys):
     rows = []
     for r in (0.2, 0.4, 0.6, 0.8, 1.0):
@@ -173,7 +197,7 @@ def test_user_errors_are_cpt_errors(tmp_path, dcpt_csv):
     with pytest.raises(CptError, match="no such results table"):
         run("fit-law", str(tmp_path / "missing.csv"), "--law", "dcpt")
     bad = write(tmp_path / "bad.csv", [{"run_id": "a", "status": "ok", "N": 1}])
-    with pytest.raises(CptError, match="missing column\\(s\\) N_total, D, r, step, general_loss, domain_loss"):
+    with pytest.raises(CptError, match="missing column\\(s\\) D, r, general_loss, domain_loss"):
         run("fit-law", bad, "--law", "dcpt")
     with pytest.raises(CptError, match="no such fit"):
         run("plan", "--law-fit", str(tmp_path / "nofit.json"))

@@ -62,8 +62,8 @@ def test_parquet_is_read(tmp_path):
 
 def test_missing_columns_are_named():
     cols = columns(rows())
-    del cols["domain_loss"], cols["step"]
-    with pytest.raises(CptError, match=r"missing column\(s\) step, domain_loss") as e:
+    del cols["domain_loss"], cols["r"]
+    with pytest.raises(CptError, match=r"missing column\(s\) r, domain_loss") as e:
         table_from_columns(cols, "sweep.csv")
     assert "\n" not in str(e.value) and all(c in str(e.value) for c in REQUIRED)
 
@@ -129,3 +129,34 @@ def test_select_domain():
     with pytest.raises(CptError, match="no domain 'cod' \\(did you mean 'code'\\?\\)"):
         select_domain(table, "cod")
     assert set(select_domain(table, "law").domain) == {"law"}
+
+
+def test_a_users_own_table_needs_no_bookkeeping_columns(tmp_path):
+    """N, D, r and the two losses are a table; run_id, status, N_total and step (what `cpt sweep` adds) are not."""
+    rs = rows()
+    bare = [{k: r[k] for k in REQUIRED} for r in rs]
+    table = load_table(write_csv(tmp_path / "own.csv", bare))
+    full = load_table(write_csv(tmp_path / "sweep.csv", rs))
+    assert len(table) == len(full) == len(rs)
+    for name in REQUIRED:
+        np.testing.assert_array_equal(getattr(table, name), getattr(full, name))
+    assert list(table.run_id[:2]) == ["row 1", "row 2"] and set(table.domain) == {"domain"}
+    # An empty status cell counts as finished; a NaN law input then names the row.
+    bare[3] = dict(bare[3], general_loss="nan")
+    with_status = [dict(r, status="") for r in bare]
+    with pytest.raises(CptError, match=r"1 ok row\(s\) have NaN or infinite general_loss \(run\(s\) row 4\)"):
+        load_table(write_csv(tmp_path / "own.csv", with_status))
+
+
+def test_binary_or_foreign_csv_is_one_line(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00" * 20)
+    with pytest.raises(CptError) as e:
+        load_table(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: not a UTF-8 CSV table (binary or another encoding)") and "\n" not in message
+    # A spreadsheet's byte-order mark is not part of the first column's name.
+    rs = [{k: r[k] for k in REQUIRED} for r in rows()]
+    write_csv(path, rs)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(load_table(path)) == len(rs)

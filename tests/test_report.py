@@ -253,3 +253,33 @@ def test_cli_report_one_run(tmp_path, capsys):
 def test_cli_report_without_metrics(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_binary_metrics_file_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_bytes(b'{"kind": "train"}\n\x89PNG\r\n\x1a\n\xff\xfe\x00\x00\n')
+    assert main(["report", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"cpt: error: {run_dir / 'metrics.jsonl'}:2: not UTF-8 text (a binary file?); metrics.jsonl holds "
+                   "one JSON object per line, as `cpt run` writes it\n")
+
+
+@pytest.mark.parametrize("cut", ['{"kind": "train", "step": 21, "lo', '{"kind": "train", "note": "\xe9'])
+def test_a_partial_last_line_from_a_kill_is_skipped_with_a_warning(tmp_path, caplog, cut):
+    """A kill mid-write leaves a row without its newline (possibly inside a UTF-8 character): the report of the
+    finished rows is written, with a warning; the same text followed by a newline is still an error."""
+    run_dir = _write_run(tmp_path / "run", _rows())
+    whole = read_metrics(run_dir / "metrics.jsonl")
+    lineno = (run_dir / "metrics.jsonl").read_bytes().count(b"\n") + 1
+    data = cut.encode()[:-1] if cut.endswith("\xe9") else cut.encode()
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(data)
+    with caplog.at_level("WARNING", logger="cpt.report"):
+        assert read_metrics(run_dir / "metrics.jsonl") == whole
+        write_report(run_dir)
+    assert f"metrics.jsonl:{lineno}: skipped a partial last line" in caplog.text and "partial" in caplog.text
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b"\n")
+    with pytest.raises(CptError, match=rf"metrics\.jsonl:{lineno}: "):
+        read_metrics(run_dir / "metrics.jsonl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -267,7 +268,11 @@ def read_fit(path: str | Path) -> dict:
 
 
 def parse_measured(text: str) -> tuple[list[float], list[float]]:
-    """``"0.9:2.905,0.93:2.964"`` -> ratios, losses."""
+    """``"0.9:2.905,0.93:2.964"`` -> ratios, losses (their ranges are checked by
+    :func:`cpt.laws.plan.usage1_measured`)."""
+    if not text.strip():
+        raise CptError("--measured is empty; give domain ratio:general loss pairs separated by commas, "
+                       "e.g. 0.9:2.905,0.93:2.964")
     ratios, losses = [], []
     for item in text.split(","):
         r, _, loss = item.partition(":")
@@ -275,7 +280,8 @@ def parse_measured(text: str) -> tuple[list[float], list[float]]:
             ratios.append(float(r))
             losses.append(float(loss))
         except ValueError:
-            raise CptError(f"--measured expects RATIO:LOSS pairs separated by commas, got {item!r}") from None
+            raise CptError(f"--measured expects RATIO:LOSS pairs separated by commas, e.g. 0.9:2.905,0.93:2.964; "
+                           f"got {item!r}") from None
     return ratios, losses
 
 
@@ -287,7 +293,11 @@ def recommend(args):
     from cpt.laws.fit import FitConfig
     from cpt.laws.mixing import SizeMix
 
-    if args.measured:
+    if not 0 <= args.tolerance < math.inf:  # also NaN
+        raise CptError(f"--tolerance must be a relative rise >= 0 (0.03 is 3%), got {args.tolerance:g}")
+    if args.pre_cpt_loss is not None and not 0 < args.pre_cpt_loss < math.inf:
+        raise CptError(f"--pre-cpt-loss must be a finite loss > 0 (nats/token), got {args.pre_cpt_loss:g}")
+    if args.measured is not None:
         if args.usage not in (None, "1"):
             raise CptError("--measured points answer usage 1 only")
         if args.pre_cpt_loss is None:

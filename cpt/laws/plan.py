@@ -102,6 +102,13 @@ def usage1_measured(ratios, losses, pre_cpt: float, tolerance: float) -> Recomme
     r, loss = np.asarray(ratios, dtype=float), np.asarray(losses, dtype=float)
     if len(r) == 0 or len(r) != len(loss):
         raise CptError(f"--measured needs equal numbers of ratios and losses, got {len(r)} and {len(loss)}")
+    for ri, li in zip(r, loss):
+        if not 0 < ri <= 1:  # also NaN
+            raise CptError(f"--measured: ratio {ri:g} in {ri:g}:{li:g} is not a domain share; ratios must be in "
+                           "(0, 1], e.g. 0.9:2.905")
+        if not 0 < li < math.inf:
+            raise CptError(f"--measured: loss {li:g} in {ri:g}:{li:g} is not a loss; losses must be finite and "
+                           "> 0 (nats/token), e.g. 0.9:2.905")
     order = np.argsort(r)
     r, loss = r[order], loss[order]
     limit = (1.0 + tolerance) * pre_cpt

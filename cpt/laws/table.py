@@ -1,15 +1,21 @@
 """The sweep results table that the laws are fitted to: loading, validation and the checks each law needs.
 
-One row per (run, evaluation step), columns:
+One row per (run, evaluation step). The columns the laws are fitted to:
 
-- ``run_id`` (str), ``status`` (``"ok"`` or ``"failed"``; other rows than ``"ok"`` are ignored),
-- ``N`` (non-embedding parameters), ``N_total`` (all parameters),
+- ``N`` (non-embedding parameters),
 - ``D`` (CPT tokens trained at that evaluation; ``D = 0`` is the model before CPT),
-- ``r`` (the *domain* share of the CPT mixture, in (0, 1]), ``step``,
-- ``general_loss``, ``domain_loss`` (validation losses, nats/token),
-- ``domain`` (optional: the domain corpus's name; default ``"domain"``).
+- ``r`` (the *domain* share of the CPT mixture, in (0, 1]),
+- ``general_loss``, ``domain_loss`` (validation losses, nats/token).
 
-CSV always; ``.parquet`` when pyarrow is installed.
+Optional columns, the bookkeeping ``cpt sweep`` writes (a table of one's own may leave them out):
+
+- ``run_id`` (str; default: the row's number, ``row 1`` for the first data row), used in messages,
+- ``status`` (``"ok"`` or ``"failed"``; rows with another status are ignored; without the column, or with an
+  empty cell, a row counts as finished, ``"ok"``),
+- ``N_total`` (all parameters), ``step`` (numbers when given; the fits do not use them),
+- ``domain`` (the domain corpus's name; default ``"domain"``).
+
+CSV (UTF-8) always; ``.parquet`` when pyarrow is installed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import numpy as np
 from cpt.config import suggest
 from cpt.errors import CptError
 
-REQUIRED = ("run_id", "status", "N", "N_total", "D", "r", "step", "general_loss", "domain_loss")
+# The law inputs, which must be finite in ok rows; the bookkeeping numbers (N_total, step) need only be numbers
+# or empty.
+REQUIRED = ("N", "D", "r", "general_loss", "domain_loss")
+OPTIONAL = ("run_id", "status", "N_total", "step", "domain")
 NUMERIC = ("N", "N_total", "D", "r", "step", "general_loss", "domain_loss")
 DEFAULT_DOMAIN = "domain"
 
@@ -63,35 +72,40 @@ class Table:
 
 
 def table_from_columns(columns: Mapping[str, Sequence], source: str = "<table>") -> Table:
-    """Validate raw columns (strings or numbers) and keep the ``ok`` rows.
+    """Validate raw columns (strings or numbers) and keep the ``ok`` rows (see the module docstring for the
+    optional columns and their defaults).
 
     Raises:
         CptError: missing columns, an empty table, values that are not numbers, no ``ok`` rows, non-finite
-            values in ``ok`` rows, or values out of range (``N <= 0``, ``D < 0``, ``r`` outside (0, 1]).
+            law inputs in ``ok`` rows, or values out of range (``N <= 0``, ``D < 0``, ``r`` outside (0, 1]).
     """
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise CptError(f"{source}: missing column(s) {', '.join(missing)}; a results table needs "
-                       f"{', '.join(REQUIRED)} (and optionally domain)")
-    n = len(columns["run_id"])
-    if n == 0:
-        raise CptError(f"{source}: the table is empty (no rows)")
-    lengths = {c: len(columns[c]) for c in REQUIRED}
+                       f"{', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)})")
+    present = [c for c in (*REQUIRED, *OPTIONAL) if c in columns]
+    lengths = {c: len(columns[c]) for c in present}
     if len(set(lengths.values())) > 1:
         raise CptError(f"{source}: columns have different lengths {lengths}")
-    run_id = np.array([str(v) for v in columns["run_id"]], dtype=object)
-    status = np.array([str(v).strip() for v in columns["status"]], dtype=object)
+    n = lengths["N"]
+    if n == 0:
+        raise CptError(f"{source}: the table is empty (no rows)")
+    run_id = np.array([str(v) for v in columns["run_id"]] if "run_id" in columns
+                      else [f"row {i + 1}" for i in range(n)], dtype=object)
+    status = np.array(["ok" if v is None or str(v).strip() == "" else str(v).strip()
+                       for v in columns.get("status", [None] * n)], dtype=object)
     ok = status == "ok"
     if not ok.any():
         raise CptError(f"{source}: no rows with status ok ({len(set(run_id))} runs, all failed or unfinished)")
-    numbers = {c: _numeric(columns[c], c, run_id, source) for c in NUMERIC}
+    numbers = {c: _numeric(columns[c], c, run_id, source) if c in columns else np.full(n, np.nan)
+               for c in NUMERIC}
     domain = columns.get("domain")
     domain = np.array([DEFAULT_DOMAIN if v in (None, "") else str(v) for v in domain] if domain is not None
                       else [DEFAULT_DOMAIN] * n, dtype=object)
-    bad = ok & ~np.all([np.isfinite(numbers[c]) for c in NUMERIC], axis=0)
+    bad = ok & ~np.all([np.isfinite(numbers[c]) for c in REQUIRED], axis=0)
     if bad.any():
         runs = sorted(set(run_id[bad]))
-        columns_hit = [c for c in NUMERIC if not np.all(np.isfinite(numbers[c][ok]))]
+        columns_hit = [c for c in REQUIRED if not np.all(np.isfinite(numbers[c][ok]))]
         raise CptError(f"{source}: {int(bad.sum())} ok row(s) have NaN or infinite {'/'.join(columns_hit)} "
                        f"(run(s) {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}); fix them or mark the "
                        "runs failed")
@@ -126,12 +140,21 @@ def load_table(path: str | Path) -> Table:
             import pyarrow.parquet as pq
         except ImportError:
             raise CptError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give a CSV") from None
-        columns = pq.read_table(path).to_pydict()
+        try:
+            columns = pq.read_table(path).to_pydict()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise CptError(f"{path}: not a Parquet table ({e}); give a results CSV or Parquet file") from None
     else:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            names = reader.fieldnames or []
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to the first column's name.
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                names = reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error) as e:
+            reason = "binary or another encoding" if isinstance(e, UnicodeDecodeError) else str(e)
+            raise CptError(f"{path}: not a UTF-8 CSV table ({reason}); give the results table as a CSV "
+                           "(e.g. runs/sweep/results.csv) or a .parquet file") from None
         columns = {name: [row[name] for row in rows] for name in names}
     return table_from_columns(columns, str(path))
 

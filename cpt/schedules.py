@@ -38,6 +38,7 @@ _SHAPES_FOR = {"wsd": ("linear", "1-sqrt", "cosine", "exponential"), "infinite":
 _DEFAULT_SHAPE = {"wsd": "1-sqrt", "infinite": "cosine"}
 # Hägele et al. find a 10-20% cooldown matches a tuned cosine; Ibrahim et al.'s 405M runs cool down over 60%.
 _DEFAULT_COOLDOWN_FRACTION = {"wsd": 0.2, "infinite": 0.6}
+DEFAULT_TIMESCALE = 10.0
 
 
 @dataclass
@@ -58,7 +59,8 @@ class ScheduleConfig:
     const_lr: Optional[float] = field(
         None, doc="infinite (required): the learning rate held after the cooldown, in (min_lr, peak_lr]")
     timescale: Optional[float] = field(
-        None, doc="infinite with cooldown_shape inv_sqrt: alpha of 1/sqrt(1 + alpha*x) (default 1.0)")
+        None, doc="infinite with cooldown_shape inv_sqrt: alpha of 1/sqrt(1 + alpha*x) (default 10, as every "
+                  "config of the authors' gpt-neox fork)")
     anneal_steps: Optional[int] = field(
         None, doc="infinite: exponential anneal from const_lr to min_lr over the last N steps (overrides "
                   "anneal_fraction; default no anneal)")
@@ -104,7 +106,8 @@ class ScheduleConfig:
                   f"must be in ({'min_lr=' if annealed else ''}{low:g}, peak_lr={self.peak_lr:g}], got {self.const_lr}")
             check(not annealed or self.min_lr > 0, "min_lr", "the exponential anneal needs min_lr > 0")
             if self.cooldown_shape == "inv_sqrt":
-                self.timescale = 1.0 if self.timescale is None else self.timescale
+                # The authors' gpt-neox code leaves it None; every config in their fork sets 10 (REFERENCES §1).
+                self.timescale = DEFAULT_TIMESCALE if self.timescale is None else self.timescale
                 check(self.timescale > 0, "timescale", f"must be positive, got {self.timescale}")
             else:
                 check(self.timescale is None, "timescale", "only for cooldown_shape inv_sqrt")

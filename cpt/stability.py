@@ -23,8 +23,10 @@ every accuracy-based definition carries over unchanged; the values are negative 
 - an ``upstream`` set is a task learned before the first CPT stage (the first stage that trains on a corpus no
   upstream set evaluates; a still-running stage other than the first counts as CPT, since its ``data`` rows
   come at its end);
-- a ``downstream`` set is a task learned in the first CPT stage that trains on its corpus (or in the first CPT
-  stage when none does);
+- a ``downstream`` set is a task learned in the first CPT stage that trains on its corpus; until that stage it
+  is not a task (in pretrain -> cptA -> cptB, a set of cptB's corpus is no task at the end of cptA, and on a
+  branch that never trains its corpus it is none at all); only when no stage of the run trains its corpus is
+  it learned in the first CPT stage;
 - untagged sets are not tasks. A set's tag is its ``tag`` field; without one, the set named ``upstream`` or
   ``downstream`` has that tag.
 
@@ -33,25 +35,36 @@ branches are followed, so sibling stages of a sweep are scored separately). A ta
 the others are *previous*. The chain's evals form one sequence in which a stage's stage-step-0 eval is dropped
 when the stage before it in the chain has evals (the same weights, measured twice).
 
-- min-ACC: the mean over previous tasks of their lowest ``A`` from the moment they were learned on (the eval of
-  the weights that finished learning them included, as De Lange's pre-update eval is).
+- min-ACC: the mean over previous tasks of their lowest ``A`` from the moment they were learned on, the eval of
+  the weights that finished learning them (the learning stage's last eval) included, as De Lange's pre-update
+  eval is.
 - WC-ACC: the mean over all ``k`` tasks of ``A_final`` for current tasks and of their minimum for previous ones,
   i.e. ``(1/k) * A_current + (1 - 1/k) * min-ACC`` with one current task.
 - WF^w / WP^w: for each task, the largest ``A_i - A_j`` (WF, a drop) or ``A_j - A_i`` (WP, a rise) with ``i < j``
   within ``w`` consecutive evals of its sequence (0 when there is none), averaged over tasks. A task's sequence
   starts when it starts being learned: an upstream set's at the first CPT stage's start (so pre-training's own
   descent is not counted as plasticity), a downstream set's at its learning stage's start. De Lange's code uses
-  ``w = 10`` and ``100``.
+  ``w = 10`` and ``100``. WP^w is the paper's definition, the largest rise over every pair in the window; De
+  Lange's code reuses its forgetting search, which skips a start below an earlier value (right for a drop,
+  never the best start of a rise), so it can report a smaller WP than the definition.
+
+**Non-finite evals.** A NaN or infinite eval loss is not a measurement: it is left out of every curve with a
+warning naming the stage, set and steps, and all figures are computed over the finite evals (a NaN baseline
+leaves the stage without a baseline, so its figures are ``None``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Sequence
 
 Curve = Sequence[tuple[int, float]]
 """``(stage_step, loss)`` pairs in step order; the first is the baseline at stage step 0."""
 
 TAGS = ("upstream", "downstream")
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- stability gap
@@ -102,18 +115,33 @@ def gain(curve: Curve) -> float:
 
 
 def steps_to_gain(curve: Curve, fraction: float = 0.9) -> int | None:
-    """The first stage step where ``baseline - loss >= fraction * gain``; ``None`` when the gain is <= 0."""
+    """The first stage step where ``baseline - loss >= fraction * gain``; ``None`` when the gain is <= 0 or not
+    finite."""
     total = gain(curve)
-    if total <= 0:
+    if not 0 < total < math.inf:
         return None
-    return next(step for step, loss in curve if curve[0][1] - loss >= fraction * total)
+    return next((step for step, loss in curve if curve[0][1] - loss >= fraction * total), None)
+
+
+def finite_points(curve: Curve, what: str = "curve") -> list[tuple[int, float]]:
+    """``curve`` without its NaN or infinite losses, with a warning naming ``what`` and the steps dropped.
+
+    A diverged or broken eval is not a measurement: every figure is computed over the finite evals, so a NaN
+    mid-curve neither poisons the gap area nor hides from the depth, and a NaN baseline leaves no baseline.
+    """
+    kept = [(step, loss) for step, loss in curve if math.isfinite(loss)]
+    if len(kept) < len(curve):
+        dropped = [str(step) for step, loss in curve if not math.isfinite(loss)]
+        log.warning("%s: skipped %d non-finite eval loss(es) at stage step(s) %s; the stability figures use the "
+                    "finite evals", what, len(dropped), ", ".join(dropped))
+    return kept
 
 
 def curve_metrics(curve: Curve, downstream: bool = False, rtol: float = 0.01, atol: float = 0.0) -> dict:
     """Every per-stage figure of one curve (see the module docstring); ``None`` throughout without a baseline.
 
     Args:
-        curve: ``(stage_step, loss)`` pairs in step order.
+        curve: ``(stage_step, loss)`` pairs in step order; non-finite losses are skipped with a warning.
         downstream: also compute ``gain`` and ``steps_to_90`` (``None`` otherwise).
         rtol, atol: the recovery band, ``max(atol, rtol * |baseline|)`` nats above the baseline.
 
@@ -123,6 +151,7 @@ def curve_metrics(curve: Curve, downstream: bool = False, rtol: float = 0.01, at
     """
     keys = ("baseline", "peak_step", "gap_depth", "recovery_step", "gap_area", "last_step", "final_loss",
             "final_forgetting", "gain", "steps_to_90")
+    curve = finite_points(curve)
     if not curve or curve[0][0] != 0:
         return dict.fromkeys(keys)
     return {"baseline": curve[0][1], "peak_step": peak_step(curve), "gap_depth": gap_depth(curve),
@@ -191,12 +220,14 @@ def _stages(rows: list[dict]) -> list[dict]:
 
 
 def stage_curves(rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """``(stage, set) -> curve`` from the eval rows; a resumed run may log an eval twice, and the later line wins."""
+    """``(stage, set) -> curve`` from the eval rows; a resumed run may log an eval twice, and the later line wins.
+    Non-finite losses are left out with a warning (:func:`finite_points`)."""
     points: dict[tuple[str, str], dict[int, float]] = {}
     for r in rows:
         if r.get("kind") == "eval":
-            points.setdefault((r["stage"], r["set"]), {})[r["stage_step"]] = r["loss"]
-    return {key: sorted(by_step.items()) for key, by_step in points.items()}
+            points.setdefault((r["stage"], r["set"]), {})[r["stage_step"]] = float(r["loss"])
+    return {key: finite_points(sorted(by_step.items()), f"eval set {key[1]} in stage {key[0]}")
+            for key, by_step in points.items()}
 
 
 def stage_parents(rows: list[dict], start_from: dict[str, str | None] | None = None) -> dict[str, str | None]:
@@ -229,6 +260,11 @@ def _continual(stage: str, chain: list[str], sets: dict[str, dict], curves: dict
                      None)
     if first_cpt is None:
         return None
+
+    def trained_elsewhere(corpus: str | None) -> bool:
+        # Any CPT-or-later stage of the run, in this chain or not, that trains ``corpus``.
+        return any(corpus in srcs for n, srcs in sources.items() if n not in chain[:first_cpt])
+
     tasks, since_learned = [], []
     for name, info in sets.items():
         if info["tag"] not in TAGS:
@@ -247,7 +283,11 @@ def _continual(stage: str, chain: list[str], sets: dict[str, dict], curves: dict
         if info["tag"] == "upstream":
             learned_in, tracked_from, previous_from = None, start[chain[first_cpt]], start[chain[first_cpt]]
         else:
-            learned_in = next((n for n in chain[first_cpt:] if info["corpus"] in sources.get(n, ())), chain[first_cpt])
+            learned_in = next((n for n in chain[first_cpt:] if info["corpus"] in sources.get(n, ())), None)
+            if learned_in is None:
+                if trained_elsewhere(info["corpus"]):
+                    continue  # learned in a stage after this one (or on another branch): not a task yet
+                learned_in = chain[first_cpt]
             tracked_from, previous_from = start[learned_in], end[learned_in]
         current = learned_in == stage
         if not current:

@@ -47,12 +47,12 @@ def exact_fit() -> DcptFit:
 
 
 def test_recovers_all_nine_parameters_of_both_losses_without_noise(exact_fit):
+    # The default fitter reaches the optimum: E, C, gamma and eps trade off along a flat valley where L-BFGS-B
+    # alone stops on its tolerances (1e-5 off here); the trf polish from its best point recovers every parameter.
+    assert FitConfig().method == "lbfgsb" and FitConfig().to_dict()["polish"] is True
     for result, true in ((exact_fit.general, GENERAL), (exact_fit.domain, DOMAIN)):
-        # E, C, gamma and eps trade off along a flat valley: recovered to 2%, the others to 0.1%.
-        assert {k: result.params[k] for k in ("E", "C", "gamma", "eps")} == pytest.approx(
-            {k: true[k] for k in ("E", "C", "gamma", "eps")}, rel=0.02)
-        assert {k: result.params[k] for k in ("A", "alpha", "B", "eta", "beta")} == pytest.approx(
-            {k: true[k] for k in ("A", "alpha", "B", "eta", "beta")}, rel=1e-3)
+        assert result.params == pytest.approx(true, rel=1e-8)
+        assert result.rmse < 1e-10
     for result in (exact_fit.general, exact_fit.domain):
         assert result.r2 == pytest.approx(1.0, abs=1e-9) and result.on_bound == []
         assert result.n == len(SIZES) * len(RATIOS) * len(TOKENS)  # the D = 0 rows are not fitted

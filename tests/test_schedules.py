@@ -125,7 +125,7 @@ def infinite_405m(shape="cosine", **extra) -> ScheduleConfig:
 def test_infinite_405m_matches_formula(shape, alpha, t):
     extra = {"timescale": alpha} if alpha is not None else {}
     config = infinite_405m(shape, min_lr=LOW, anneal_steps=100, **extra)
-    expected = infinite_reference(t, 1000, 10, 600, 100, PEAK, CONST, LOW, shape, alpha or 1.0)
+    expected = infinite_reference(t, 1000, 10, 600, 100, PEAK, CONST, LOW, shape, alpha or 10.0)
     assert lr_at(config, t, 1000) == pytest.approx(expected, rel=1e-12)
 
 
@@ -142,7 +142,8 @@ def test_infinite_405m_landmarks():
         assert lr_at(config, 310, 1000) == pytest.approx(half, rel=1e-9)
         assert lr_at(config, 160, 1000) == pytest.approx(quarter, rel=1e-9)
         assert lr_at(config, 610, 1000) == pytest.approx(CONST)
-    assert infinite_405m("inv_sqrt").timescale == 1.0  # gpt-neox default
+    # The default is the authors' configs' 10 (their code's own default is None), not 1.
+    assert infinite_405m("inv_sqrt").timescale == 10.0
     annealed = infinite_405m(min_lr=LOW, anneal_fraction=0.1)
     assert lr_at(annealed, 900, 1000) == pytest.approx(CONST)
     assert lr_at(annealed, 950, 1000) == pytest.approx(math.sqrt(CONST * LOW))  # halfway, geometrically

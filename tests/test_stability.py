@@ -184,3 +184,70 @@ def test_resumed_run_repeats_an_eval_and_the_later_line_wins():
     rows.append({"kind": "eval", "step": 10, "stage": "pretrain", "stage_step": 10, "set": "upstream",
                  "corpus": "english", "loss": 4.5})
     assert stage_curves(rows)[("pretrain", "upstream")] == [(0, 6.0), (10, 4.5), (20, 4.0)]
+
+
+# pretrain (english) -> cptA (code) -> cptB (law), in one line; "law" is a downstream set of cptB's corpus.
+LATER = {
+    "pretrain": {"upstream": [6.0, 5.0, 4.0], "downstream": [7.0, 7.5, 8.0], "law": [9.0, 9.5, 10.0]},
+    "cptA": {"upstream": [4.0, 4.5, 4.25], "downstream": [8.0, 5.0, 3.0], "law": [10.0, 10.5, 11.0]},
+    "cptB": {"upstream": [4.25, 4.5, 4.75], "downstream": [3.0, 3.5, 4.0], "law": [11.0, 7.0, 5.0]},
+}
+LATER_SOURCES = {"pretrain": ["english"], "cptA": ["code"], "cptB": ["law"]}
+LATER_CORPUS = {"upstream": "english", "downstream": "code", "law": "law"}
+
+
+def _later_rows(stages=("pretrain", "cptA", "cptB")) -> list[dict]:
+    rows = []
+    for index, stage in enumerate(stages):
+        rows.append({"kind": "stage", "event": "start", "stage": stage, "index": index, "step": 20 * index})
+        for k, stage_step in enumerate((0, 10, 20)):
+            for name, losses in LATER[stage].items():
+                rows.append({"kind": "eval", "step": 20 * index + stage_step, "stage": stage, "stage_step": stage_step,
+                             "set": name, "tag": "downstream" if name == "law" else None,
+                             "corpus": LATER_CORPUS[name], "loss": losses[k]})
+        rows += [{"kind": "data", "stage": stage, "source": s, "tokens": 100} for s in LATER_SOURCES[stage]]
+    return rows
+
+
+def test_a_set_learned_in_a_later_stage_is_no_task_before_it():
+    cpt_a, cpt_b = stability_report(_later_rows(), windows=(10,))["continual"]
+    # At cptA's end "law" is not yet learned: k = 2, upstream previous (A since cptA's start -4, -4.5, -4.25),
+    # downstream current (-3). WC-ACC = (-3 + -4.5) / 2, not (-3 - 11 - 4.5) / 3 with "law" as a current task.
+    assert [(t["set"], t["learned"], t["current"]) for t in cpt_a["tasks"]] == [
+        ("upstream", "before cptA", False), ("downstream", "cptA", True)]
+    assert (cpt_a["k"], cpt_a["min_acc"], cpt_a["wc_acc"]) == (2, -4.5, -3.75)
+    # At cptB's end it is cptB's current task; upstream's minimum is -4.75, downstream's since cptA's end -4.
+    assert [(t["set"], t["learned"], t["current"]) for t in cpt_b["tasks"]] == [
+        ("upstream", "before cptA", False), ("downstream", "cptA", False), ("law", "cptB", True)]
+    assert (cpt_b["k"], cpt_b["min_acc"], cpt_b["wc_acc"]) == (3, -4.375, pytest.approx((-5 - 4.75 - 4) / 3))
+    # A run in which no stage trains "law"'s corpus: it falls back to the first CPT stage, as before.
+    [only] = stability_report(_later_rows(("pretrain", "cptA")))["continual"]
+    assert [(t["set"], t["learned"], t["current"]) for t in only["tasks"]][2] == ("law", "cptA", True)
+    assert only["k"] == 3
+
+
+def test_non_finite_evals_are_skipped_with_a_warning(caplog):
+    nan = float("nan")
+    # A NaN last eval of a downstream set: the figures use the finite evals (gain 6 - 4 = 2, 90% at step 10).
+    with caplog.at_level("WARNING", logger="cpt.stability"):
+        figures = curve_metrics([(0, 6.0), (10, 4.0), (20, nan)], downstream=True)
+    assert (figures["gain"], figures["steps_to_90"], figures["last_step"]) == (2.0, 10, 10)
+    assert "skipped 1 non-finite eval loss(es) at stage step(s) 20" in caplog.text
+    assert steps_to_gain([(0, 6.0), (10, 4.0), (20, nan)]) is None  # a NaN gain has no 90% of it
+    # A NaN mid-curve: area, depth, peak and recovery as if that eval had not been taken.
+    holed = V[:3] + [(25, nan)] + V[3:]
+    assert curve_metrics(holed) == curve_metrics(V)
+    # A NaN baseline: no baseline, nothing measured.
+    assert set(curve_metrics([(0, nan), (10, 4.0)]).values()) == {None}
+    # From metrics rows: the warning names the set, the stage and the step.
+    rows = _rows(("pretrain", "cpt"))
+    next(r for r in rows if r.get("kind") == "eval" and (r["stage"], r["set"], r["stage_step"]) == (
+        "cpt", "upstream", 10))["loss"] = nan
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cpt.stability"):
+        report = stability_report(rows)
+    assert "eval set upstream in stage cpt: skipped 1 non-finite eval loss(es) at stage step(s) 10" in caplog.text
+    upstream = next(r for r in report["stages"] if (r["stage"], r["set"]) == ("cpt", "upstream"))
+    # Curve (0, 4), (20, 4.25): depth 0.25 at step 20, area 0.25 / 2 * 20.
+    assert (upstream["gap_depth"], upstream["peak_step"], upstream["gap_area"]) == (0.25, 20, 2.5)
+    assert report["continual"][0]["tasks"][0]["min_acc"] == -4.25

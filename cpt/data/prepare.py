@@ -2,16 +2,22 @@
 
 Everything is cached by content fingerprint: a second run with the same sources and tokenizer reuses the
 shards; a changed source file, reading option, split setting or tokenizer re-tokenizes. A full disk stops with
-one line naming the path and about how much space is needed; what was finished before stays usable.
+one line naming the path and about how much space is needed; what was finished before stays usable. Processes
+that share a data directory (a sweep's slurm array tasks, runs started side by side) prepare one at a time: the
+later ones wait, then reuse what the first wrote.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
 from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
@@ -79,12 +85,29 @@ def prepare(recipe, base_dir: Path, data_dir: Path, workers: int = 1) -> Prepare
     ``workers`` processes tokenizing each corpus."""
     data_dir.mkdir(parents=True, exist_ok=True)
     source_fps = {name: source_fingerprint(c, base_dir) for name, c in recipe.corpora.items()}
-    tokenizer = resolve_tokenizer(recipe, base_dir, data_dir, source_fps)
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    corpora = {name: prepare_corpus(name, c, source_fps[name], tokenizer, tok_fp, base_dir, data_dir,
-                                    workers=workers)
-               for name, c in recipe.corpora.items()}
+    with _one_at_a_time(data_dir):
+        tokenizer = resolve_tokenizer(recipe, base_dir, data_dir, source_fps)
+        tok_fp = tokenizer_fingerprint(tokenizer)
+        corpora = {name: prepare_corpus(name, c, source_fps[name], tokenizer, tok_fp, base_dir, data_dir,
+                                        workers=workers)
+                   for name, c in recipe.corpora.items()}
     return PreparedData(tokenizer, tok_fp, corpora)
+
+
+@contextmanager
+def _one_at_a_time(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir``'s preparation lock, waiting for a process that holds it (two tokenizers trained into
+    one directory at once would replace each other's files halfway)."""
+    fd = os.open(data_dir / ".prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for another process that is preparing data in %s", data_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _resolve(path: str, base_dir: Path) -> Path:

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_second_prepare_reuses_everything(tiny_corpora, tmp_path, monkeypatch):
     first = setup.prepare()
     before = snapshot(setup.data_dir)
     assert {p.split("/")[0] for p in before} == {"tokenizer", first.corpora["english"].path.name,
-                                                  first.corpora["code"].path.name}
+                                                  first.corpora["code"].path.name, ".prepare.lock"}
     monkeypatch.setattr(prepare_module, "write_shard", no_call("write_shard"))
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_call("sentencepiece training"))
     second = setup.prepare()
@@ -180,7 +181,7 @@ def test_full_disk_is_one_line_and_a_bigger_disk_finishes(tiny_corpora, tmp_path
     target = disk / ("tokenizer" if fails.endswith("tokenizer") else reference.corpora["code"].path.name)
     assert line.startswith(f"cpt: error: no space left on the device writing {fails} to {target} (")
     assert "KiB needed" in line and "Traceback" not in err
-    left = sorted(p.name for p in disk.iterdir())
+    left = sorted(p.name for p in disk.iterdir() if p.name != ".prepare.lock")
     assert [name.split("-")[0] for name in left] == finished, "no hidden temporary directory, no half shard"
     done = snapshot(disk)
     for name in left:
@@ -194,3 +195,25 @@ def test_full_disk_is_one_line_and_a_bigger_disk_finishes(tiny_corpora, tmp_path
     for name, shard in reference.corpora.items():
         for split in SPLITS:
             assert (disk / shard.path.name / f"{split}.bin").read_bytes() == (shard.path / f"{split}.bin").read_bytes()
+
+
+PREPARE_ONE = """
+import sys
+from cpt.cli import main
+sys.exit(main(["prepare", sys.argv[1], "run.data_dir=" + sys.argv[2]]))
+"""
+
+
+def test_processes_sharing_a_data_directory_prepare_one_at_a_time(tiny_corpora, tmp_path):
+    """Two `cpt prepare`s into one data directory at once (a sweep's array tasks): the second waits for the first and
+    reuses its tokenizer and shards; before the lock, both trained the tokenizer and one's rename failed."""
+    setup = Setup(tiny_corpora, tmp_path)
+    recipe = str(write_recipe(tmp_path / "tiny.yaml", setup.raw))
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_ONE, recipe, str(setup.data_dir)], stderr=subprocess.PIPE,
+                              text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    both = "\n".join(errs)
+    assert both.count("reusing") >= len(setup.raw["corpora"]), "one of them reused the other's shards"
+    assert not [p for p in setup.data_dir.iterdir() if p.name.startswith(".") and p.name != ".prepare.lock"]

@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     branch.add_argument("--with-optimizer", action="store_true", help="also start from the checkpoint's AdamW state")
     branch.add_argument("--with-data", action="store_true",
                         help="also continue the checkpoint's data position (per-source cursors, replay buffer)")
+    branch.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize (default 1)")
 
     export = sub.add_parser("export", help="write a checkpoint as a standalone Hugging Face model directory",
                             description="Copy CHECKPOINT's model and tokenizer into OUT_DIR, loadable with "
@@ -111,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--point", type=int, metavar="INDEX",
                        help="run only grid point INDEX (0-based, sizes x tokens x ratios in file order)")
     sweep.add_argument("--base", metavar="SIZE", help="run only the base run of SIZE (a name or a 0-based index)")
+    sweep.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes that tokenize each run's data (default 1)")
 
     from cpt.laws.cli import add_commands as add_law_commands
     from cpt.slurm import add_commands as add_slurm_commands, add_slurm_options
@@ -147,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             runner.run(args.recipe, args.overrides, overwrite=args.overwrite, resume=args.resume,
-                       auto_resume=args.auto_resume, workers=_workers(args.workers))
+                       auto_resume=args.auto_resume, workers=workers_count(args.workers))
         elif args.command == "resume":
             runner.resume(args.run_dir, args.overrides)
         elif args.command == "branch":
             runner.branch(args.checkpoint, args.recipe, args.overrides, name=args.name,
-                          with_optimizer=args.with_optimizer, with_data=args.with_data, overwrite=args.overwrite)
+                          with_optimizer=args.with_optimizer, with_data=args.with_data, overwrite=args.overwrite,
+                          workers=workers_count(args.workers))
         elif args.command == "export":
             from pathlib import Path
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_runs(Path(args.dir)))
         elif args.command == "prepare":
             runner.setup_logging()
-            data = runner.prepare_data(args.recipe, args.overrides, workers=_workers(args.workers))
+            data = runner.prepare_data(args.recipe, args.overrides, workers=workers_count(args.workers))
             for name, shard in data.corpora.items():
                 print(f"{name}: {shard.path}")
         elif args.command == "check":
@@ -206,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 
             refuse_slurm_options(args)
             runner.setup_logging()
+            workers = workers_count(args.workers)
             if args.point is not None:
-                print(sweep.run_point(args.sweep, args.point))
+                print(sweep.run_point(args.sweep, args.point, workers=workers))
             elif args.base is not None:
-                sweep.run_base(args.sweep, args.base)
+                sweep.run_base(args.sweep, args.base, workers=workers)
             else:
-                print(sweep.run_sweep(args.sweep, dry_run=args.dry_run))
+                print(sweep.run_sweep(args.sweep, dry_run=args.dry_run, workers=workers))
         elif args.command in ("fit-law", "plan"):
             from cpt.laws.cli import dispatch
 
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _workers(value: int) -> int:
+def workers_count(value: int) -> int:
+    """``--workers``'s value, checked (the tokenizing processes of run, branch, prepare, sweep and launch)."""
     if value < 1:
         raise CptError(f"--workers: expected a positive number of processes, got {value}")
     return value

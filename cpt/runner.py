@@ -77,7 +77,7 @@ def resume(run_dir: str, overrides: list[str]) -> Path:
 
 
 def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | None = None,
-           with_optimizer: bool = False, with_data: bool = False, overwrite: bool = False) -> Path:
+           with_optimizer: bool = False, with_data: bool = False, overwrite: bool = False, workers: int = 1) -> Path:
     """``cpt branch``: a new run whose first stage starts from ``checkpoint``'s weights (and optionally its
     optimizer state and data position), recording its lineage."""
     path = Path(checkpoint).resolve()
@@ -96,7 +96,8 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
     carry = {"optimizer": optimizer_state(path, state) if with_optimizer else None,
              "data": state.get("data") if with_data else None}
     with rundir.locked(recipe.run_dir):
-        return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path)
+        return _execute(recipe, base_dir, overwrite=overwrite, lineage=lineage, carry=carry, recipe_path=recipe_path,
+                        workers=workers)
 
 
 def _read_run_info(run_dir: Path) -> dict:

@@ -1,4 +1,5 @@
-"""``cpt launch RECIPE --slurm`` and ``cpt sweep SWEEP --slurm``: render an sbatch script from ``slurm/`` and submit it.
+"""``cpt launch RECIPE --slurm`` and ``cpt sweep SWEEP --slurm``: render an sbatch script from ``cpt/slurm_templates/``
+(linked from ``slurm/``) and submit it.
 
 The templates are plain bash with ``{{name}}`` placeholders. Every value put into a script is either checked
 against a conservative pattern (what goes into ``#SBATCH`` lines, which sbatch reads without a shell) or quoted
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from cpt.errors import CptError
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+# Package data, so that an installed cpt (not only a checkout) can launch; slurm/ in the checkout links to them.
+TEMPLATES = Path(__file__).resolve().parent / "slurm_templates"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # [days-]first[:second[:third]]: MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS[:MINUTES[:SECONDS]]
@@ -47,11 +49,12 @@ def time_seconds(text: str) -> int | None:
     return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
 
 
-def _count(text: str | None, option: str, default: int | None) -> int | None:
+def _count(text: str | None, option: str, default: int | None, minimum: int = 1) -> int | None:
     if text is None:
         return default
-    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < 1:
-        raise CptError(f"{option}: expected a positive whole number, got {text!r}")
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < minimum:
+        what = "a positive whole number" if minimum == 1 else f"a whole number from {minimum}"
+        raise CptError(f"{option}: expected {what}, got {text!r}")
     return int(text)
 
 
@@ -71,7 +74,7 @@ class SlurmConfig:
     """What a job asks slurm for; built from the command line by :meth:`from_args`, every value checked."""
 
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # 0: CPU nodes, one process each (gloo)
     partition: str | None = None
     time: str | None = None
     account: str | None = None
@@ -88,7 +91,7 @@ class SlurmConfig:
             CptError: one line naming the option, the bad value and what is allowed.
         """
         config = cls(nodes=_count(args.nodes, "--nodes", 1),
-                     gpus_per_node=_count(args.gpus_per_node, "--gpus-per-node", 1),
+                     gpus_per_node=_count(args.gpus_per_node, "--gpus-per-node", 1, minimum=0),
                      partition=_name(args.partition, "--partition", "partition", several=True),
                      account=_name(args.account, "--account", "account"),
                      cpus_per_task=_count(args.cpus_per_task, "--cpus-per-task", None), requeue=args.requeue,
@@ -115,13 +118,19 @@ class SlurmConfig:
             lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{self.grace}"]
         return "".join("\n" + line for line in lines)
 
+    @property
+    def per_node(self) -> int:
+        """Training processes per node: one per GPU, or one on a CPU node."""
+        return max(self.gpus_per_node, 1)
+
 
 def add_slurm_options(p: argparse.ArgumentParser) -> None:
     """The job options of ``cpt launch`` and ``cpt sweep``; values stay strings here and are checked by
     :meth:`SlurmConfig.from_args`, which reports a bad one in one line."""
     p.add_argument("--slurm", action="store_true", help="submit to slurm with sbatch")
     p.add_argument("--nodes", metavar="N", help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", metavar="G", help="GPUs per node, one process each (default 1)")
+    p.add_argument("--gpus-per-node", metavar="G", help="GPUs per node, one process each (default 1; 0: CPU nodes, "
+                   "one process each)")
     p.add_argument("--partition", metavar="P", help="slurm partition(s), comma-separated")
     p.add_argument("--time", metavar="T", help="time limit: MINUTES, HH:MM:SS or D-HH:MM:SS")
     p.add_argument("--account", metavar="A", help="slurm account to charge")
@@ -144,6 +153,8 @@ def add_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted key=value recipe overrides")
     add_slurm_options(p)
     p.add_argument("--resume", action="store_true", help="the run directory holds a run: continue it in the job")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize the data in the "
+                   "job (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the script, write and submit nothing")
 
 
@@ -175,8 +186,7 @@ def render(template: str, values: dict[str, str]) -> str:
     """Fill ``slurm/TEMPLATE``'s ``{{name}}`` placeholders; the values must already be checked or quoted."""
     path = TEMPLATES / template
     if not path.is_file():
-        raise CptError(f"slurm template {path} is missing; cpt's slurm templates come with a source checkout "
-                       "(pip install -e .)")
+        raise CptError(f"slurm template {path} is missing; reinstall cpt (the templates are package data)")
     text = path.read_text()
     missing = sorted(set(PLACEHOLDER.findall(text)) - set(values))
     if missing:
@@ -198,9 +208,18 @@ def log_path(directory: Path, pattern: str) -> str:
     return f"{directory}/{pattern}"
 
 
+def workers_args(args: argparse.Namespace) -> list[str]:
+    """``--workers N`` for the job's ``cpt`` command, checked here at submission; nothing for the default 1."""
+    from cpt.cli import workers_count
+
+    return ["--workers", str(workers_count(args.workers))] if args.workers != 1 else []
+
+
 def common_values(config: SlurmConfig) -> dict[str, str]:
+    gpu_line = f"\n#SBATCH --gpus-per-node={config.gpus_per_node}" if config.gpus_per_node else ""
     return {"sbatch_options": config.sbatch_lines(), "workdir": shlex.quote(str(Path.cwd())),
-            "python": shlex.quote(sys.executable), "gpus_per_node": str(config.gpus_per_node)}
+            "python": shlex.quote(sys.executable), "gpus_per_node": str(config.gpus_per_node), "gpu_line": gpu_line,
+            "per_node": str(config.per_node)}
 
 
 def launch(args: argparse.Namespace) -> str | None:
@@ -221,11 +240,12 @@ def launch(args: argparse.Namespace) -> str | None:
                        "for a new run, or --resume to continue it in the job")
     if args.resume and not (run_dir / "run.json").is_file():
         raise CptError(f"--resume: '{run_dir}' holds no run to continue (no run.json); drop --resume to start it")
-    processes = config.nodes * config.gpus_per_node
+    processes = config.nodes * config.per_node
+    workers = workers_args(args)
     values = {**common_values(config), "job_name": "cpt-" + re.sub(r"[^A-Za-z0-9_.-]", "-", recipe.name)[:60],
               "nodes": str(config.nodes), "processes": str(processes), "output": log_path(run_dir / "slurm", "%j.out"),
               "port": str(config.port) if config.port else DEFAULT_PORT, "grace": str(config.grace),
-              "cpt_args": words(["run", str(Path(args.recipe).resolve()), *args.overrides, "--auto-resume"])}
+              "cpt_args": words(["run", str(Path(args.recipe).resolve()), *args.overrides, "--auto-resume", *workers])}
     script = render("single-node.sbatch" if config.nodes == 1 else "multi-node.sbatch", values)
     if args.dry_run:
         print(script, end="")
@@ -234,8 +254,8 @@ def launch(args: argparse.Namespace) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     job = submit(path)
-    print(f"submitted job {job}: {path} ({config.nodes} node(s) x {config.gpus_per_node} GPU(s)); log "
-          f"{run_dir / 'slurm' / f'{job}.out'}")
+    shape = f"{config.gpus_per_node} GPU(s)" if config.gpus_per_node else "1 CPU process"
+    print(f"submitted job {job}: {path} ({config.nodes} node(s) x {shape}); log {run_dir / 'slurm' / f'{job}.out'}")
     return job
 
 
@@ -259,10 +279,11 @@ def submit_sweep(args: argparse.Namespace) -> list[str]:
     if args.point is not None or args.base is not None:
         raise CptError("--slurm submits the whole sweep; --point and --base are what its array tasks run")
     config = SlurmConfig.from_args(args)
-    if config.nodes != 1 or config.gpus_per_node != 1:
+    if config.nodes != 1 or config.gpus_per_node > 1:
         raise CptError("cpt sweep --slurm runs each grid point as one process on one GPU (--nodes 1 "
-                       "--gpus-per-node 1); sweep runs are small. Use `cpt launch` for a large run")
+                       "--gpus-per-node 1, or 0 on CPU nodes); sweep runs are small. Use `cpt launch` for a large run")
     sweep = Sweep(args.sweep)
+    workers = workers_args(args)
     finished = {row["run_id"] for row in read_results(sweep.results) if row["status"] == "ok"}
     grid = sweep.grid()
     todo = [i for i, point in enumerate(grid) if sweep.run_id(*point) not in finished]
@@ -282,7 +303,7 @@ def submit_sweep(args: argparse.Namespace) -> list[str]:
             scripts[kind] = render("sweep-array.sbatch", {
                 **common_values(config), "job_name": f"{name}-{kind}", "array": array_spec(indices),
                 "task_option": option, "output": log_path(sweep.dir / "slurm", "%x-%A_%a.out"),
-                "cpt_args": words(["sweep", sweep_path, option])})
+                "cpt_args": words(["sweep", sweep_path, *workers, option])})
     if args.dry_run:
         for kind, script in scripts.items():
             print(f"# ---- {sweep.dir / 'slurm' / f'{kind}.sbatch'}\n{script}", end="")

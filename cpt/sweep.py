@@ -101,7 +101,7 @@ def overrides_list(mapping: dict[str, Any]) -> list[str]:
 
 
 class Sweep:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, workers: int = 1):
         path = Path(path)
         if not path.is_file():
             raise CptError(f"sweep file '{path}' does not exist; give a sweep YAML such as recipes/sweep-demo.yaml")
@@ -113,6 +113,8 @@ class Sweep:
         self.base = (path.resolve().parent / self.config.base).resolve()
         self.dir = Path(self.config.dir.replace("{name}", self.config.name))
         self.results = self.dir / "results.csv"
+        # Processes that tokenize a run's data, passed on to every run's command.
+        self.workers = ["--workers", str(workers)] if workers > 1 else []
         self._check_recipes()
 
     def _recipe(self, size: str, extra: list[str] = ()):
@@ -185,7 +187,7 @@ class Sweep:
         stages = self.raw_stages(size)[:self.index]
         return Job(f"base-{size}", run_dir, ["run", str(self.base), *self.common(size),
                                              f"stages={json.dumps(stages)}", f"run.dir={json.dumps(str(run_dir))}",
-                                             "--overwrite"], size)
+                                             "--overwrite", *self.workers], size)
 
     def cpt_job(self, size: str, tokens: int | None, r: float) -> Job:
         c = self.config
@@ -199,10 +201,10 @@ class Sweep:
         stage.pop("start_from", None)
         extra = [f"stages={json.dumps([stage])}", f"run.dir={json.dumps(str(run_dir))}", f"name={job_id}"]
         if self.index == 0:
-            command = ["run", str(self.base), *self.common(size), *extra, "--overwrite"]
+            command = ["run", str(self.base), *self.common(size), *extra, "--overwrite", *self.workers]
         else:
             command = ["branch", str(self.final_checkpoint(self.dir / "base" / size)), str(self.base),
-                       *self.common(size), *extra, "--overwrite"]
+                       *self.common(size), *extra, "--overwrite", *self.workers]
         return Job(job_id, run_dir, command, size, r)
 
     @staticmethod
@@ -358,14 +360,14 @@ def run_point_job(sweep: Sweep, job: Job, blocked: str | None = None) -> tuple[b
     return ok, error, table
 
 
-def run_point(path: str | Path, index: int) -> Path:
+def run_point(path: str | Path, index: int, workers: int = 1) -> Path:
     """``cpt sweep SWEEP --point INDEX``: run grid point INDEX (a slurm array task) unless it finished; its size's
     base run must have finished (``--base``). Returns the table path.
 
     Raises:
         CptError: no such point, or the run failed (its failed row is recorded).
     """
-    sweep = Sweep(path)
+    sweep = Sweep(path, workers)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     grid = sweep.grid()
     if not 0 <= index < len(grid):
@@ -385,14 +387,14 @@ def run_point(path: str | Path, index: int) -> Path:
     return sweep.results
 
 
-def run_base(path: str | Path, size: str) -> None:
+def run_base(path: str | Path, size: str, workers: int = 1) -> None:
     """``cpt sweep SWEEP --base SIZE``: run the base run of SIZE (a name, or its 0-based index in ``sizes``) unless
     it finished.
 
     Raises:
         CptError: no such size, or the run failed.
     """
-    sweep = Sweep(path)
+    sweep = Sweep(path, workers)
     names = list(sweep.config.sizes)
     if size.isdigit() and int(size) < len(names):
         size = names[int(size)]
@@ -408,9 +410,9 @@ def run_base(path: str | Path, size: str) -> None:
         raise CptError(f"{job.id} failed: {error}")
 
 
-def run_sweep(path: str | Path, dry_run: bool = False) -> Path:
+def run_sweep(path: str | Path, dry_run: bool = False, workers: int = 1) -> Path:
     """``cpt sweep``: run what is not finished yet, append each finished run's rows; returns the table path."""
-    sweep = Sweep(path)
+    sweep = Sweep(path, workers)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     table = read_results(sweep.results)
     finished = {row["run_id"] for row in table if row["status"] == "ok"}

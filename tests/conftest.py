@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -87,8 +88,6 @@ def small_disk(tmp_path):
     """A directory on a tmpfs of its own, to fill up: ``small_disk(kib)`` mounts one of ``kib`` KiB and returns
     its path. A real full file system (ENOSPC from the kernel), not a patched ``write``; needs root, as CI and
     the developers' machines have."""
-    import os
-
     mounts = []
 
     def mount(kib: int) -> Path:
@@ -103,3 +102,19 @@ def small_disk(tmp_path):
     yield mount
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real slurm cluster on this machine (tests/slurm_cluster.py), started once and stopped at the end. Where
+    slurm cannot run here the tests that need it are skipped with the reason; with CPT_REQUIRE_SLURM=1 (CI sets
+    it) they fail instead, so that CI never passes without them."""
+    import slurm_cluster
+
+    cluster = slurm_cluster.start()
+    if isinstance(cluster, str):
+        if os.environ.get("CPT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"CPT_REQUIRE_SLURM=1 but {cluster}", pytrace=False)
+        pytest.skip(cluster)
+    yield cluster
+    slurm_cluster.stop(cluster)

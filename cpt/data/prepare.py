@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cpt.data import pretokenized
 from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
 from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
 from cpt.data.tokenizer import TRAINER_VERSION, load_tokenizer, tokenizer_fingerprint, train_sentencepiece
+from cpt.errors import CptError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,15 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
     if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
         log.info("corpus '%s': reusing %s", name, out_dir)
         return TokenShard.open(out_dir, tok_fp)
+    if pretokenized.is_tokens(config):
+        pretokenized.prepare_tokens(name, config, base_dir, out_dir, tokenizer, fingerprint,
+                                    {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tok_fp,
+                                     "source_fingerprint": source_fp, "source": config.source})
+        shard = TokenShard.open(out_dir, tok_fp)
+        log.info("prepared corpus '%s' in place: %s train tokens in %d documents, %s val tokens in %d documents, "
+                 "read from %s", name, f"{len(shard.train.tokens):,}", shard.train.documents,
+                 f"{len(shard.val.tokens):,}", shard.val.documents, config.source)
+        return shard
     paths = source_files(config, base_dir)
     files = [str(p) for p in paths]
     info = {"tokenizer_fingerprint": tok_fp, "source_fingerprint": source_fp, "source": config.source,
@@ -83,8 +94,14 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
 def prepare(recipe, base_dir: Path, data_dir: Path, workers: int = 1) -> PreparedData:
     """Tokenizer and token shards for every corpus of ``recipe``, built or reused from ``data_dir``, with
     ``workers`` processes tokenizing each corpus."""
+    tokens = [name for name, c in recipe.corpora.items() if pretokenized.is_tokens(c)]
+    if tokens and recipe.tokenizer.train is not None:
+        raise CptError(f"corpus '{tokens[0]}' is already tokens (format {recipe.corpora[tokens[0]].format}): the "
+                       "recipe must use the tokenizer they were made with; set tokenizer.path to "
+                       f"'{recipe.corpora[tokens[0]].tokenizer}' instead of tokenizer.train")
     data_dir.mkdir(parents=True, exist_ok=True)
-    source_fps = {name: source_fingerprint(c, base_dir) for name, c in recipe.corpora.items()}
+    source_fps = {name: (pretokenized.fingerprint if pretokenized.is_tokens(c) else source_fingerprint)(c, base_dir)
+                  for name, c in recipe.corpora.items()}
     with _one_at_a_time(data_dir):
         tokenizer = resolve_tokenizer(recipe, base_dir, data_dir, source_fps)
         tok_fp = tokenizer_fingerprint(tokenizer)

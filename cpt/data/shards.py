@@ -92,6 +92,12 @@ class TokenShard:
         if tokenizer_fingerprint is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise CptError(f"token shard '{path}' was tokenized with a different tokenizer than this recipe's; "
                            "delete it and run `cpt prepare` to re-tokenize")
+        if "in_place" in manifest:  # a corpus of tokens: ranges of the user's own files
+            from cpt.data.pretokenized import open_ranges
+
+            splits = {split: TokenSplit(open_ranges(path, manifest, split), manifest["splits"][split]["documents"],
+                                        manifest["splits"][split]["bytes"]) for split in SPLITS}
+            return cls(manifest["corpus"], path, manifest, splits["train"], splits["val"])
         splits = {}
         for split in SPLITS:
             info = manifest["splits"][split]

@@ -14,6 +14,7 @@ import glob
 import fnmatch
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -35,6 +36,8 @@ BUILTIN_SOURCES = ("kjv", "python-stdlib")
 _EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _SKIP_DIRS = frozenset({"__pycache__"})
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"})
+# Compressed files are decompressed as they are read (streamed, never whole): gzip, and zstandard (.zst).
+_COMPRESSED = (".gz", ".zst")
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _CHUNK = 1 << 20
 _SOURCE_HINT = "give a file, directory or glob, or a built-in: " + ", ".join(BUILTIN_SOURCES)
@@ -56,8 +59,9 @@ class CorpusConfig:
     """One corpus: where its documents come from, how its files are read, and how validation is held out."""
 
     source: str = field(doc="built-in name (kjv, python-stdlib), or a file, directory or glob")
-    format: Literal["auto", "text", "jsonl", "json", "parquet", "hf"] = field(
-        "auto", doc="how to read files; auto picks by extension (.jsonl .json .parquet, a saved HF dataset dir, else text)"
+    format: Literal["auto", "text", "jsonl", "json", "parquet", "hf", "megatron", "olmo"] = field(
+        "auto", doc="how to read files; auto picks by extension (.jsonl .json .parquet, a saved HF dataset dir, else "
+                    "text); megatron (PREFIX.bin/.idx) and olmo (.npy token memmaps) are tokens, read in place"
     )
     text_field: str = field("text", doc="field holding the text in JSONL/JSON/Parquet/HF datasets")
     hf_split: Optional[str] = field(None, doc="split to read from a saved HF DatasetDict (default: 'train' or the only one)")
@@ -65,12 +69,22 @@ class CorpusConfig:
     val_fraction: float = field(0.05, doc="share of documents held out for validation, chosen by a seeded hash")
     val_max_docs: Optional[int] = field(None, doc="cap on held-out documents")
     split_seed: int = field(0, doc="seed of the held-out split")
+    tokenizer: Optional[str] = field(None, doc="format megatron/olmo: the local HF tokenizer directory the tokens were "
+                                               "made with (checked against the recipe's)")
+    dtype: Optional[Literal["uint16", "uint32", "int32", "int64"]] = field(
+        None, doc="format olmo: the token dtype of a raw memmap (a .npy with a header says its own)")
 
     def __post_init__(self):
         check(bool(self.source.strip()), "source", "must not be empty")
         check(self.max_docs is None or self.max_docs > 0, "max_docs", "must be a positive integer")
         check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         check(self.val_max_docs is None or self.val_max_docs > 0, "val_max_docs", "must be a positive integer")
+        tokens = self.format in ("megatron", "olmo")
+        check(not tokens or self.tokenizer is not None, "tokenizer",
+              f"required for format {self.format}: the tokenizer directory the tokens were made with")
+        check(tokens or self.tokenizer is None, "tokenizer", "only for format megatron or olmo (corpora of tokens)")
+        check(self.format == "olmo" or self.dtype is None, "dtype",
+              "only for format olmo (a Megatron index records its dtype)")
 
 
 def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterator[str]:
@@ -285,16 +299,72 @@ def _is_hf_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _open(path: Path) -> BinaryIO:
+def _open(path: Path, raw: bool = False) -> BinaryIO:
+    """``path`` for reading, decompressed as it is read when it ends in ``.gz`` or ``.zst`` (unless ``raw``)."""
     try:
-        return open(path, "rb")
+        f = open(path, "rb")
     except OSError as e:
         raise CptError(f"cannot read {path}: {e.strerror}; check that it exists and is readable") from None
+    suffix = path.suffix.lower()
+    if raw or suffix not in _COMPRESSED:
+        return f
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return io.BufferedReader(_ZstdReader(f), _CHUNK)  # lines, for JSONL
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstandard file of one or more frames. Unlike ``zstandard``'s own stream reader
+    it raises ``EOFError`` when the file ends inside a frame: a cut file is an error, not silently less text."""
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._frame = None  # the frame being decompressed, None between frames
+        self._pending, self._pos, self._done = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._pending) and not self._done:
+            chunk = self._raw.read(_CHUNK)
+            if not chunk:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstandard frame")
+                self._done = True
+                break
+            out = []
+            while chunk:
+                self._frame = self._frame or self._new()
+                out.append(self._frame.decompress(chunk))
+                chunk = b""
+                if self._frame.eof:
+                    chunk, self._frame = self._frame.unused_data, None
+            self._pending, self._pos = b"".join(out), 0
+        n = min(len(buffer), len(self._pending) - self._pos)
+        buffer[:n] = self._pending[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffix that says a file's format: ``.jsonl`` for ``x.jsonl.gz`` too."""
+    if path.suffix.lower() in _COMPRESSED:
+        return Path(path.stem).suffix.lower()
+    return path.suffix.lower()
 
 
 def _file_digest(path: Path) -> bytes:
     digest = hashlib.sha256()
-    with _open(path) as f:
+    with _open(path, raw=True) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.digest()
@@ -310,9 +380,19 @@ def _read_text(path: Path, decoded: _Decoded) -> str:
 
 
 def _read_unit(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterator[str]:
+    try:
+        yield from _read_unit_as(path, config, decoded)
+    except Exception as e:
+        # gzip: BadGzipFile (an OSError) or EOFError for a cut file; zstandard: its ZstdError.
+        if path.suffix.lower() not in _COMPRESSED or isinstance(e, CptError):
+            raise
+        raise CptError(f"cannot decompress {path}: {e}; is it a complete {path.suffix} file?") from None
+
+
+def _read_unit_as(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterator[str]:
     fmt = config.format
     if fmt == "auto":
-        fmt = "hf" if path.is_dir() else _EXTENSION_FORMATS.get(path.suffix.lower(), "text")
+        fmt = "hf" if path.is_dir() else _EXTENSION_FORMATS.get(_format_suffix(path), "text")
     if fmt == "text":
         yield _read_text(path, decoded)
     elif fmt == "jsonl":

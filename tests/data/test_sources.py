@@ -382,3 +382,30 @@ def test_python_stdlib_skips_test_directories():
     docs = list(itertools.islice(iter_documents(config), 50))
     assert len(docs) == 50 and all(doc.strip() for doc in docs)
     assert len(list(iter_documents(CorpusConfig(source="python-stdlib", max_docs=7)))) == 7
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_jsonl_and_text_stream_as_their_format(tmp_path, suffix):
+    import gzip
+
+    import zstandard
+
+    def compress(data: bytes) -> bytes:
+        return gzip.compress(data) if suffix == ".gz" else zstandard.ZstdCompressor().compress(data)
+
+    lines = "".join(json.dumps({"text": f"doc {i} \u00e9"}) + "\n" for i in range(3000))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / f"part.jsonl{suffix}").write_bytes(compress(lines.encode()))
+    (tmp_path / "d" / f"notes.txt{suffix}").write_bytes(compress("plain text".encode()))
+    docs = read(tmp_path, "d")
+    assert docs[0] == "plain text" and docs[1:] == [f"doc {i} \u00e9" for i in range(3000)]
+    assert read(tmp_path, f"d/*.jsonl{suffix}")[:2] == ["doc 0 \u00e9", "doc 1 \u00e9"]
+    # Several frames (or gzip members) one after another, as parallel compressors write them, read as one file.
+    halves = lines[:len(lines) // 2], lines[len(lines) // 2:]
+    (tmp_path / "d" / f"part.jsonl{suffix}").write_bytes(b"".join(compress(h.encode()) for h in halves))
+    assert read(tmp_path, f"d/part.jsonl{suffix}") == [f"doc {i} \u00e9" for i in range(3000)]
+    # A cut file is one line naming it.
+    data = (tmp_path / "d" / f"part.jsonl{suffix}").read_bytes()
+    (tmp_path / "d" / f"part.jsonl{suffix}").write_bytes(data[:len(data) // 2])
+    message = error_of(tmp_path, f"d/part.jsonl{suffix}")
+    assert message.startswith(f"cannot decompress {tmp_path / 'd' / f'part.jsonl{suffix}'}: ") and "\n" not in message

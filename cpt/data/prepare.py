@@ -15,17 +15,21 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from cpt.data import pretokenized
-from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_shard
-from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint
+from cpt.data.shards import MANIFEST, FORMAT_VERSION, TokenShard, write_corpus
+from cpt.data.sources import CorpusConfig, iter_documents, source_files, source_fingerprint, source_tasks
 from cpt.data.tokenizer import TRAINER_VERSION, load_tokenizer, tokenizer_fingerprint, train_sentencepiece
 from cpt.errors import CptError
 
 log = logging.getLogger(__name__)
+
+# About this many bytes of source files per task (one shard each, kept when a preparation is killed).
+TASK_BYTES = 1 << 28
 
 
 @dataclass
@@ -86,9 +90,11 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
     files = [str(p) for p in paths]
     info = {"tokenizer_fingerprint": tok_fp, "source_fingerprint": source_fp, "source": config.source,
             "num_files": len(files), "files": files[:1000]}
-    return write_shard(name, out_dir, iter_documents(config, base_dir), tokenizer, fingerprint, info,
-                       config.val_fraction, config.val_max_docs, config.split_seed, workers=workers,
-                       source_bytes=None if config.max_docs else sum(p.stat().st_size for p in paths))
+    tasks = source_tasks(config, base_dir, TASK_BYTES)
+    plan = [[str(p) for p in units] for units in tasks]
+    return write_corpus(name, out_dir, [partial(iter_documents, config, base_dir, units) for units in tasks], plan,
+                        tokenizer, fingerprint, info, config.val_fraction, config.val_max_docs, config.split_seed,
+                        workers=workers, source_bytes=None if config.max_docs else sum(p.stat().st_size for p in paths))
 
 
 def prepare(recipe, base_dir: Path, data_dir: Path, workers: int = 1) -> PreparedData:

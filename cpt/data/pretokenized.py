@@ -258,15 +258,27 @@ def open_ranges(path: Path, manifest: dict, split: str) -> TokenRanges:
     """
     files = []
     for entry in manifest["token_files"]:
-        file = Path(entry["path"])
+        file = path / entry["path"]  # relative: a shard of the corpus's own; absolute: a user's file
         if not file.is_file() or file.stat().st_size != entry["size"]:
+            if not Path(entry["path"]).is_absolute():
+                raise CptError(f"token shard '{file}' is missing or truncated; delete '{path}' and run `cpt prepare`")
             raise CptError(f"token file '{file}' is missing or changed since it was prepared into '{path}'; run "
                            "`cpt prepare` again")
         file = TokenFile(file, np.dtype(entry["dtype"]), entry["offset"], np.zeros(0), np.zeros(0))
         files.append(file.tokens())
     with np.load(path / RANGES) as ranges:
         arrays = {k: ranges[f"{split}_{k}"] for k in ("file_of", "starts", "lengths", "eos_after")}
-    return TokenRanges(files, **arrays, eos=manifest["eos"], dtype=manifest["dtype"])
+    return TokenRanges(files, **arrays, eos=manifest["eos_id"], dtype=manifest["dtype"])
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` with fixed zip timestamps, so the same arrays always give the same bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
 
 
 def _hash_share(data: bytes, seed: int) -> float:
@@ -336,7 +348,7 @@ def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, toke
     counts["train"]["bytes"] = int(round(counts["train"]["tokens"] * per_token))
     arrays = {f"{split}_{k}": v for split, docs in splits.items() for k, v in ranges_of(docs).items()}
     manifest = {"corpus": name, "format_version": info["format_version"], "fingerprint": fingerprint_,
-                "dtype": str(dtype), "eos": eos, "splits": counts, "bytes_estimated": ["train"],
+                "dtype": str(dtype), "eos_id": eos, "splits": counts, "bytes_estimated": ["train"],
                 "in_place": config.format,
                 "token_files": [{"path": str(f.path.resolve()), "size": f.path.stat().st_size, "dtype": str(f.dtype),
                                  "offset": f.offset} for f in files],
@@ -344,7 +356,7 @@ def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, toke
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        np.savez(tmp / RANGES, **arrays)
+        save_arrays(tmp / RANGES, **arrays)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,15 +1,20 @@
-"""Token shards: a corpus tokenized once into flat memory-mapped token files with a JSON manifest.
+"""Token shards: a corpus tokenized once into memory-mapped token files with a JSON manifest.
 
 Layout of one prepared corpus directory::
 
     <name>-<fingerprint[:16]>/
-        manifest.json    # fingerprints, dtype, per-split document/token/byte counts, source files
-        train.bin        # uint16 or uint32 token ids, every document followed by EOS
-        val.bin          # held-out documents, chosen by a seeded hash of their text
+        manifest.json          # fingerprints, dtype, per-split document/token/byte counts, the shards, sources
+        ranges.npz             # each split as ranges of the shards (runs of consecutive documents)
+        shards/00000.bin       # one task's documents in corpus order, uint16 or uint32, each followed by EOS
+        shards/00000.docs.npz  # per document: tokens, text bytes, whether its seeded text hash holds it out
 
-The directory is written under a temporary name and renamed when complete, so a crash (or a full disk) never
-leaves a half-written shard that looks finished. With ``workers > 1`` forked processes tokenize batches of documents
-while this one decides the split and writes, in document order: the files are the same for any count.
+A task is a group of the corpus's files (:func:`cpt.data.sources.source_tasks`). Each task's shard is renamed
+into place when complete, inside ``.<name>-<fingerprint[:16]>.partial``, so a killed preparation continues with
+the unfinished tasks; the split is decided over the whole corpus when every task is done, and the directory is
+renamed to its name: nothing half-written ever looks finished. With ``workers > 1`` forked processes tokenize
+batches of documents while this one writes, in document order: the files are the same for any count. A split
+reads as one flat token array (:class:`cpt.data.pretokenized.TokenRanges`). Corpora prepared by an earlier cpt
+(``train.bin`` and ``val.bin`` whole) still open.
 """
 
 from __future__ import annotations
@@ -30,15 +35,18 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from cpt.data.pretokenized import RANGES, ranges_of, save_arrays
 from cpt.errors import CptError, space_for
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"
+DOCS = ".docs.npz"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 # Documents per tokenizer call: in this process the tokenizer's own threads share a batch; workers get smaller
@@ -92,7 +100,7 @@ class TokenShard:
         if tokenizer_fingerprint is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise CptError(f"token shard '{path}' was tokenized with a different tokenizer than this recipe's; "
                            "delete it and run `cpt prepare` to re-tokenize")
-        if "in_place" in manifest:  # a corpus of tokens: ranges of the user's own files
+        if "in_place" in manifest or manifest.get("layout") == "shards":  # ranges of token files
             from cpt.data.pretokenized import open_ranges
 
             splits = {split: TokenSplit(open_ranges(path, manifest, split), manifest["splits"][split]["documents"],
@@ -115,31 +123,71 @@ def write_shard(
     val_fraction: float, val_max_docs: int | None, split_seed: int, workers: int = 1,
     source_bytes: int | None = None,
 ) -> TokenShard:
-    """Tokenize ``documents`` into ``out_dir`` (train/val split by document) and return the opened shard.
+    """Tokenize ``documents`` into ``out_dir`` as one task (see :func:`write_corpus`) and return the opened shard."""
+    return write_corpus(name, out_dir, [lambda: documents], ["all"], tokenizer, fingerprint, info, val_fraction,
+                        val_max_docs, split_seed, workers, source_bytes)
+
+
+def write_corpus(
+    name: str, out_dir: Path, tasks: Sequence[Callable[[], Iterable[str]]], plan: list, tokenizer, fingerprint: str,
+    info: dict, val_fraction: float, val_max_docs: int | None, split_seed: int, workers: int = 1,
+    source_bytes: int | None = None,
+) -> TokenShard:
+    """Tokenize a corpus given as ``tasks`` (each a callable giving its documents, in corpus order) into
+    ``out_dir``, one token shard per task, and return the opened corpus.
+
+    A task's shard is written under a temporary name and renamed when complete, inside ``.OUT_DIR.partial``;
+    a killed preparation run again with the same ``plan`` (a JSON description of the tasks) keeps the finished
+    shards and runs the rest. When every task is done the split is decided over the whole corpus (``val_max_docs``
+    counts from its start) and written as ranges of the shards, and the directory is renamed to ``out_dir``. The
+    files depend on neither ``workers`` nor on how many runs it took.
 
     Args:
         fingerprint: content fingerprint of sources + tokenizer + split; stored in the manifest.
         info: extra manifest fields (tokenizer fingerprint, source files...).
-        workers: processes that tokenize; 1 tokenizes in this process. The files do not depend on it.
+        workers: processes that tokenize; 1 tokenizes in this process.
         source_bytes: size of the corpus's files, to tell a full disk about how much the shard needs.
 
     Raises:
-        DiskFullError: the disk filled up; nothing of this shard is left, a shard already at ``out_dir`` is intact.
+        DiskFullError: the disk filled up; the finished shards are kept for the next run, a corpus already at
+            ``out_dir`` is intact.
     """
     if workers < 1:
         raise CptError(f"workers: expected a positive whole number, got {workers}")
     dtype = token_dtype(len(tokenizer))
     counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    start = time.time()
     with _space_for_shard(out_dir, name, counts, dtype.itemsize, source_bytes):
-        _write(name, out_dir, documents, tokenizer, dtype, counts, fingerprint, info, val_fraction, val_max_docs,
-               split_seed, workers)
+        _claim_partial(partial, plan)
+        try:
+            for index, documents in enumerate(tasks):
+                if not (partial / SHARDS / f"{index:05d}{DOCS}").is_file():
+                    _write_task(partial / SHARDS, index, documents(), name, tokenizer, dtype, counts, split_seed,
+                                val_fraction, workers)
+        finally:
+            if not any((partial / SHARDS).glob(f"*{DOCS}")):  # nothing finished to keep
+                shutil.rmtree(partial, ignore_errors=True)
+        try:
+            _assemble(partial, len(tasks), name, dtype, counts, val_max_docs, {
+                "format_version": FORMAT_VERSION, "corpus": name, "fingerprint": fingerprint, "dtype": dtype.name,
+                "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
+                "split": {"val_fraction": val_fraction, "val_max_docs": val_max_docs, "seed": split_seed}, **info})
+        except CptError:  # a corpus that cannot be split: its recipe must change, and with it the fingerprint
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        partial.rename(out_dir)
+    log.info("prepared corpus '%s': %s train tokens in %d documents, %s val tokens in %d documents, %d shard(s) "
+             "(%.1fs)", name, f"{counts['train']['tokens']:,}", counts["train"]["documents"],
+             f"{counts['val']['tokens']:,}", counts["val"]["documents"], len(tasks), time.time() - start)
     return TokenShard.open(out_dir)
 
 
 @contextmanager
 def _space_for_shard(out_dir: Path, name: str, counts: dict, itemsize: int, source_bytes: int | None) -> Iterator[None]:
-    """``space_for`` the shard, needing about as much as the tokens written so far per byte of text, times the
+    """``space_for`` the corpus, needing about as much as the tokens written so far per byte of text, times the
     corpus's bytes."""
     try:
         yield
@@ -151,60 +199,91 @@ def _space_for_shard(out_dir: Path, name: str, counts: dict, itemsize: int, sour
             raise
 
 
-def _write(name: str, out_dir: Path, documents: Iterable[str], tokenizer, dtype: np.dtype, counts: dict,
-           fingerprint: str, info: dict, val_fraction: float, val_max_docs: int | None, split_seed: int,
-           workers: int) -> None:
-    """``write_shard``'s work, counting into ``counts`` as it goes; the temporary directory goes whatever happens."""
-    eos = tokenizer.eos_token_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    start = time.time()
+def _claim_partial(partial: Path, plan: list) -> None:
+    """``partial`` ready for this ``plan``: kept with its finished shards when it was made for the same plan,
+    else made anew; stale temporary task directories removed."""
+    stamp = partial / "plan.json"
+    if partial.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != plan):
+        shutil.rmtree(partial)
+    if partial.is_dir():
+        done = len(list((partial / SHARDS).glob(f"*{DOCS}")))
+        log.info("continuing an interrupted preparation: %d of %d shard(s) done", done, len(plan))
+        for stale in (partial / SHARDS).glob(".*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return
+    (partial / SHARDS).mkdir(parents=True)
+    stamp.write_text(json.dumps(plan) + "\n")
+
+
+def _write_task(shards: Path, index: int, documents: Iterable[str], name: str, tokenizer, dtype: np.dtype,
+                counts: dict, split_seed: int, val_fraction: float, workers: int) -> None:
+    """One task's shard: ``NNNNN.bin`` (every document followed by EOS) and ``NNNNN.docs.npz`` (per document its
+    tokens, text bytes and whether its hash holds it out), renamed into place together when complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{index:05d}-", dir=shards))
+    lengths, text_bytes, held = [], [], []
     try:
         batches = _batches(_progress(documents, name), BATCH if workers == 1 else WORKER_BATCH)
         # closing(): the worker pool, if any, is shut down however the loop ends.
-        with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val, \
-                closing(_encoded(batches, tokenizer, dtype, workers)) as encoded:
-            for batch, tokens, lengths in encoded:
-                held = []
+        with open(tmp / "tokens.bin", "wb") as out, closing(_encoded(batches, tokenizer, dtype, workers)) as encoded:
+            for batch, tokens, batch_lengths in encoded:
+                lengths.append(batch_lengths)
                 for text in batch:
-                    in_val = is_held_out(text, split_seed, val_fraction)
-                    if in_val and val_max_docs is not None and counts["val"]["documents"] >= val_max_docs:
-                        in_val = False
-                    split = "val" if in_val else "train"
-                    counts[split]["documents"] += 1
-                    counts[split]["bytes"] += len(text.encode("utf-8"))
-                    held.append(in_val)
-                # Each split keeps its documents in corpus order: the batch's tokens, masked per document.
-                held_tokens = np.repeat(held, lengths)
-                val_tokens = int(held_tokens.sum())
-                counts["val"]["tokens"] += val_tokens
-                counts["train"]["tokens"] += len(tokens) - val_tokens
+                    text_bytes.append(len(text.encode("utf-8")))
+                    held.append(is_held_out(text, split_seed, val_fraction))
+                counts["train"]["tokens"] += len(tokens)  # progress, for a full disk's estimate
+                counts["train"]["bytes"] += sum(text_bytes[-len(batch):])
                 # file.write, not ndarray.tofile: a full disk then raises ENOSPC, not a bare "requested and written".
-                f_train.write(tokens[~held_tokens])
-                f_val.write(tokens[held_tokens])
-            for f in (f_train, f_val):
-                f.flush()
-                os.fsync(f.fileno())
-        for split in SPLITS:
-            if counts[split]["documents"] == 0:
-                fix = "raise" if split == "val" else "lower"
-                raise CptError(f"corpus '{name}': the {split} split is empty ({sum(c['documents'] for c in counts.values())} "
-                               f"documents in all); {fix} corpora.{name}.val_fraction or add documents")
-        manifest = {
-            "format_version": FORMAT_VERSION, "corpus": name, "fingerprint": fingerprint, "dtype": dtype.name,
-            "vocab_size": len(tokenizer), "eos_id": eos, "splits": counts,
-            "split": {"val_fraction": val_fraction, "val_max_docs": val_max_docs, "seed": split_seed},
-            "seconds": round(time.time() - start, 2), **info,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+                out.write(tokens)
+            out.flush()
+            os.fsync(out.fileno())
+        save_arrays(tmp / "docs.npz", lengths=np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+                 bytes=np.asarray(text_bytes, np.int64), held=np.asarray(held, bool))
+        os.rename(tmp / "tokens.bin", shards / f"{index:05d}.bin")
+        os.rename(tmp / "docs.npz", shards / f"{index:05d}{DOCS}")  # last: the task is done
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    log.info("prepared corpus '%s': %s train tokens in %d documents, %s val tokens in %d documents (%.1fs)", name,
-             f"{counts['train']['tokens']:,}", counts["train"]["documents"], f"{counts['val']['tokens']:,}",
-             counts["val"]["documents"], time.time() - start)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _assemble(partial: Path, tasks: int, name: str, dtype: np.dtype, counts: dict, val_max_docs: int | None,
+              manifest: dict) -> None:
+    """Decide the split over the finished shards in corpus order and write ``ranges.npz`` and the manifest."""
+    docs = []
+    for index in range(tasks):
+        with np.load(partial / SHARDS / f"{index:05d}{DOCS}") as d:
+            docs.append({k: d[k] for k in ("lengths", "bytes", "held")})
+    held = np.concatenate([d["held"] for d in docs])
+    if val_max_docs is not None:  # the first val_max_docs held-out documents of the corpus
+        held &= np.cumsum(held) <= val_max_docs
+    counts.update({s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS})
+    pieces = {s: [] for s in SPLITS}
+    first = 0
+    for index, d in enumerate(docs):
+        n = len(d["lengths"])
+        in_val = held[first:first + n]
+        first += n
+        offsets = np.concatenate([[0], np.cumsum(d["lengths"])])
+        # runs of consecutive documents of one split become one range of the shard
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(in_val.astype(np.int8))) + 1, [n]]) if n else []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            split = "val" if in_val[lo] else "train"
+            pieces[split].append((index, int(offsets[lo]), int(offsets[hi] - offsets[lo]), False))
+        for split, mask in (("val", in_val), ("train", ~in_val)):
+            counts[split]["documents"] += int(mask.sum())
+            counts[split]["tokens"] += int(d["lengths"][mask].sum())
+            counts[split]["bytes"] += int(d["bytes"][mask].sum())
+    for split in SPLITS:
+        if counts[split]["documents"] == 0:
+            total = sum(c["documents"] for c in counts.values())
+            if total == 0:
+                raise CptError(f"corpus '{name}' yielded no documents; its files are empty or blank")
+            fix = "raise" if split == "val" else "lower"
+            raise CptError(f"corpus '{name}': the {split} split is empty ({total} documents in all); {fix} "
+                           f"corpora.{name}.val_fraction or add documents")
+    save_arrays(partial / RANGES, **{f"{split}_{k}": v for split, p in pieces.items() for k, v in ranges_of(p).items()})
+    files = [{"path": f"{SHARDS}/{index:05d}.bin", "size": (partial / SHARDS / f"{index:05d}.bin").stat().st_size,
+              "dtype": dtype.name, "offset": 0} for index in range(tasks)]
+    (partial / MANIFEST).write_text(json.dumps({**manifest, "layout": "shards", "splits": counts,
+                                                "token_files": files}, indent=2) + "\n")
 
 
 def _encode(tokenizer, dtype: np.dtype, batch: list[str]) -> tuple[np.ndarray, np.ndarray]:

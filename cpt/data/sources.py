@@ -87,8 +87,30 @@ class CorpusConfig:
               "only for format olmo (a Megatron index records its dtype)")
 
 
-def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterator[str]:
-    """Yield the corpus's documents in a deterministic order, honouring ``config.max_docs``.
+def source_tasks(config: CorpusConfig, base_dir: Path | None = None, task_bytes: int = 1 << 28) -> list[list[Path]]:
+    """The corpus's units (files, or saved HF dataset directories) in reading order, cut into consecutive groups
+    of about ``task_bytes`` each: the tasks of a resumable preparation. The groups depend only on the files and
+    their sizes, never on how many processes run them; a corpus capped by ``max_docs`` (a count over the whole
+    corpus) and the built-in ``kjv`` (one file) are one task."""
+    if config.source == "kjv" or config.max_docs is not None:
+        return [_resolve(config, base_dir)[1]]
+    tasks: list[list[Path]] = [[]]
+    size = 0
+    for unit in _resolve(config, base_dir)[1]:
+        unit_size = unit.stat().st_size if unit.is_file() else sum(f.stat().st_size for f in unit.rglob("*")
+                                                                    if f.is_file())
+        if tasks[-1] and size + unit_size > task_bytes:
+            tasks.append([])
+            size = 0
+        tasks[-1].append(unit)
+        size += unit_size
+    return tasks
+
+
+def iter_documents(config: CorpusConfig, base_dir: Path | None = None,
+                   units: list[Path] | None = None) -> Iterator[str]:
+    """Yield the corpus's documents (or, with ``units``, those of one task of :func:`source_tasks`) in a
+    deterministic order, honouring ``config.max_docs``.
 
     Empty and whitespace-only documents are skipped. Bytes of text files that are not UTF-8 are replaced by
     U+FFFD; a corpus with more than ``REPLACED_WARN_SHARE`` of its characters replaced gets a warning.
@@ -104,7 +126,7 @@ def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterat
     """
     decoded = _Decoded()
     count = 0
-    for doc in _documents(config, base_dir, decoded):
+    for doc in _documents(config, base_dir, decoded, units):
         if doc.strip():
             decoded.chars += len(doc)
             if decoded.chars >= REPLACED_CHECK_CHARS:
@@ -114,7 +136,7 @@ def iter_documents(config: CorpusConfig, base_dir: Path | None = None) -> Iterat
             if count == config.max_docs:
                 break
     decoded.check(config.source, end=True)
-    if count == 0:
+    if count == 0 and units is None:  # one task may be blank; the whole corpus is checked when it is assembled
         raise CptError(f"corpus source '{config.source}' yielded no documents; its files are empty or blank")
 
 
@@ -167,10 +189,11 @@ def _warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
-def _documents(config: CorpusConfig, base_dir: Path | None, decoded: _Decoded) -> Iterator[str]:
+def _documents(config: CorpusConfig, base_dir: Path | None, decoded: _Decoded,
+               units: list[Path] | None) -> Iterator[str]:
     if config.source == "kjv":
         return _kjv_chapters(_kjv_path())
-    _, units = _resolve(config, base_dir)
+    units = _resolve(config, base_dir)[1] if units is None else units
     if config.source == "python-stdlib":
         return (_read_text(unit, decoded) for unit in units)
     return (doc for unit in units for doc in _read_unit(unit, config, decoded))

@@ -1,8 +1,10 @@
 """Tests for cpt.data.prepare: shards and the trained tokenizer are cached by content fingerprint; `cpt prepare`."""
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,12 @@ class Setup:
         return prepare(recipe, base_dir, self.data_dir)
 
 
+def corpus_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a prepared corpus but its manifest (which names its sources' paths), by relative path."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != "manifest.json"}
+
+
 def total_bytes(shard) -> int:
     return sum(counts["bytes"] for counts in shard.manifest["splits"].values())
 
@@ -55,7 +63,7 @@ def test_second_prepare_reuses_everything(tiny_corpora, tmp_path, monkeypatch):
     before = snapshot(setup.data_dir)
     assert {p.split("/")[0] for p in before} == {"tokenizer", first.corpora["english"].path.name,
                                                   first.corpora["code"].path.name, ".prepare.lock"}
-    monkeypatch.setattr(prepare_module, "write_shard", no_call("write_shard"))
+    monkeypatch.setattr(prepare_module, "write_corpus", no_call("write_corpus"))
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_call("sentencepiece training"))
     second = setup.prepare()
     assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
@@ -126,7 +134,7 @@ def test_tokenizer_by_path_reuses_shards_of_the_same_tokenizer(tiny_corpora, tmp
     first = setup.prepare()
     shutil.copytree(setup.data_dir / "tokenizer", tmp_path / "my-tokenizer")
     setup.raw["tokenizer"] = {"path": str(tmp_path / "my-tokenizer")}
-    monkeypatch.setattr(prepare_module, "write_shard", no_call("write_shard"))
+    monkeypatch.setattr(prepare_module, "write_corpus", no_call("write_corpus"))
     second = setup.prepare()
     assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
     assert {n: s.path for n, s in second.corpora.items()} == {n: s.path for n, s in first.corpora.items()}
@@ -136,13 +144,13 @@ def test_cli_workers_reach_write_shard_and_change_no_byte(tiny_corpora, tmp_path
     setup = Setup(tiny_corpora, tmp_path)
     one = setup.prepare()
     workers = []
-    write_shard = prepare_module.write_shard
+    write_shard = prepare_module.write_corpus
 
     def spy(*args, **kwargs):
         workers.append(kwargs["workers"])
         return write_shard(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "write_shard", spy)
+    monkeypatch.setattr(prepare_module, "write_corpus", spy)
     assert main(["prepare", str(tmp_path / "tiny.yaml"), f"run.data_dir={tmp_path / 'two'}", "--workers", "2"]) == 0
     assert workers == [2, 2]
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
@@ -150,8 +158,7 @@ def test_cli_workers_reach_write_shard_and_change_no_byte(tiny_corpora, tmp_path
         two = Path(printed[name])
         assert two.parent == tmp_path / "two"
         assert two.name == shard.path.name, "the worker count must not be part of the fingerprint"
-        for split in SPLITS:
-            assert (two / f"{split}.bin").read_bytes() == (shard.path / f"{split}.bin").read_bytes()
+        assert corpus_bytes(two) == corpus_bytes(shard.path)
 
 
 @pytest.mark.parametrize("command", ["prepare", "run"])
@@ -193,12 +200,13 @@ def test_full_disk_is_one_line_and_a_bigger_disk_finishes(tiny_corpora, tmp_path
     after = snapshot(disk)
     assert {k: after[k] for k in done} == done, "what was finished before is reused, not rewritten"
     for name, shard in reference.corpora.items():
-        for split in SPLITS:
-            assert (disk / shard.path.name / f"{split}.bin").read_bytes() == (shard.path / f"{split}.bin").read_bytes()
+        assert corpus_bytes(disk / shard.path.name) == corpus_bytes(shard.path)
 
 
 PREPARE_ONE = """
+import signal
 import sys
+import time
 from cpt.cli import main
 sys.exit(main(["prepare", sys.argv[1], "run.data_dir=" + sys.argv[2]]))
 """
@@ -217,3 +225,52 @@ def test_processes_sharing_a_data_directory_prepare_one_at_a_time(tiny_corpora, 
     both = "\n".join(errs)
     assert both.count("reusing") >= len(setup.raw["corpora"]), "one of them reused the other's shards"
     assert not [p for p in setup.data_dir.iterdir() if p.name.startswith(".") and p.name != ".prepare.lock"]
+
+
+PREPARE_TASKS = """
+import signal
+import sys
+import time
+from cpt.cli import main
+from cpt.data import prepare
+prepare.TASK_BYTES = 200_000  # python-stdlib in about 40 tasks
+sys.exit(main(["prepare", sys.argv[1], "run.data_dir=" + sys.argv[2], "--workers", sys.argv[3]]))
+"""
+
+
+def test_a_killed_preparation_continues_to_the_same_bytes(tiny_corpora, tmp_path):
+    """The standard library's sources (about 40 tasks of 200 KB) prepared once uninterrupted, and once killed
+    with SIGKILL after a few shards and run again with 2 workers: the rerun keeps the finished shards, and the
+    corpus is byte for byte the uninterrupted one (shards, ranges, per-document tables)."""
+    setup = Setup(tiny_corpora, tmp_path)
+    setup.prepare()
+    raw = dict(setup.raw, tokenizer={"path": str(setup.data_dir / "tokenizer")})
+    raw["corpora"] = {"english": raw["corpora"]["english"], "code": {"source": "python-stdlib", "val_fraction": 0.05}}
+    recipe = str(write_recipe(tmp_path / "stdlib.yaml", raw))
+
+    def run(data_dir: Path, workers: int = 1) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", PREPARE_TASKS, recipe, str(data_dir), str(workers)],
+                                stderr=subprocess.PIPE, text=True)
+
+    whole = run(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
+    [reference] = (tmp_path / "whole").glob("code-*")
+    shards = len(list((reference / "shards").glob("*.bin")))
+    assert shards >= 20
+
+    killed = run(tmp_path / "killed")
+    deadline = time.time() + 300
+    while len(list((tmp_path / "killed").glob(".code-*.partial/shards/*.docs.npz"))) < 3:
+        assert killed.poll() is None and time.time() < deadline, "finished before it could be killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [partial] = (tmp_path / "killed").glob(".code-*.partial")
+    done = len(list((partial / "shards").glob("*.docs.npz")))
+    assert 3 <= done < shards
+    again = run(tmp_path / "killed", workers=2)
+    err = again.communicate(timeout=600)[1]
+    assert again.returncode == 0, err[-2000:]
+    assert f"continuing an interrupted preparation: {done} of {shards} shard(s) done" in err
+    assert not list((tmp_path / "killed").glob(".code-*"))
+    assert corpus_bytes(tmp_path / "killed" / reference.name) == corpus_bytes(reference)

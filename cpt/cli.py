@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
     prepare.add_argument("recipe", help="recipe YAML")
     prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     prepare.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize (default 1)")
+    prepare.add_argument("--tasks", type=int, metavar="N", help="with --slurm: an array of N jobs; with --task: "
+                         "the array's size")
+    prepare.add_argument("--task", type=int, metavar="I", help="tokenize only part I of --tasks N (what array task "
+                         "I runs); `cpt prepare` without it assembles the corpora")
+    prepare.add_argument("--dry-run", action="store_true", help="with --slurm: print the scripts, submit nothing")
 
     check = sub.add_parser("check", help="validate a recipe and print the resolved config",
                            description="Load and validate RECIPE with overrides; print the resolved config.")
@@ -119,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     from cpt.slurm import add_commands as add_slurm_commands, add_slurm_options
 
     add_slurm_options(sweep)  # sweep --slurm: an array job
+    add_slurm_options(prepare)  # prepare --slurm --tasks N: an array job, then the assembly
     add_law_commands(sub)  # fit-law, plan
     add_slurm_commands(sub)  # launch
 
@@ -169,10 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             from cpt.runs import format_runs
 
             print(format_runs(Path(args.dir)))
-        elif args.command == "prepare":
+        elif args.command == "prepare" and not args.slurm:
+            from cpt.slurm import refuse_slurm_options
+
+            refuse_slurm_options(args)
             runner.setup_logging()
-            data = runner.prepare_data(args.recipe, args.overrides, workers=workers_count(args.workers))
-            for name, shard in data.corpora.items():
+            part = _part(args.task, args.tasks)
+            data = runner.prepare_data(args.recipe, args.overrides, workers=workers_count(args.workers), part=part)
+            for name, shard in (data.corpora.items() if data else ()):
                 print(f"{name}: {shard.path}")
         elif args.command == "check":
             import yaml
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                    limit=args.limit, batch_size=args.batch_size, device=args.device)
             print(harness.summary(out))
             print(out)
-        elif args.command == "launch" or (args.command == "sweep" and args.slurm):
+        elif args.command == "launch" or (args.command in ("sweep", "prepare") and args.slurm):  # sbatch
             from cpt.slurm import dispatch as slurm_dispatch
 
             runner.setup_logging()
@@ -235,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         print("cpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _part(task: int | None, tasks: int | None) -> tuple[int, int] | None:
+    """``--task I --tasks N`` as ``(I, N)``, checked; None without --task."""
+    if task is None:
+        if tasks is not None:
+            raise CptError("--tasks N without --slurm needs --task I (one array task's part); drop it to prepare all")
+        return None
+    if tasks is None or tasks < 1 or not 0 <= task < tasks:
+        raise CptError(f"--task {task}: expected 0 <= I < N with --tasks N, got --tasks {tasks}")
+    return task, tasks
 
 
 def workers_count(value: int) -> int:

@@ -103,10 +103,13 @@ def _weights(weights: dict, where: str) -> dict[str, float]:
 class DataConfig:
     max_epochs: float = field(10.0, doc="error before training if any source would be read more times than this")
     replay_buffer_size: int = field(10000, doc="sequences kept by buffer replay (reservoir sample of trained data)")
+    task_mb: float = field(256.0, doc="preparation: MB of source files per task (one token shard each, kept when "
+                                  "prepare is killed; a slurm array task runs several)")
 
     def __post_init__(self):
         check(self.max_epochs > 0, "max_epochs", "must be positive")
         check(self.replay_buffer_size > 0, "replay_buffer_size", "must be positive")
+        check(self.task_mb > 0, "task_mb", "must be a positive number of MB")
 
 
 @dataclass

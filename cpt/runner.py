@@ -18,7 +18,7 @@ from cpt.recipe import Recipe, load_recipe
 log = logging.getLogger("cpt")
 
 # Recipe keys that may change between a checkpoint and its resume: they do not touch the training math.
-HARMLESS_CHANGES = ("wandb", "checkpoint", "eval", "train.log_every", "run.data_dir", "run.dir")
+HARMLESS_CHANGES = ("wandb", "checkpoint", "eval", "train.log_every", "run.data_dir", "run.dir", "data.task_mb")
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -41,12 +41,13 @@ def data_dir(recipe: Recipe, base_dir: Path) -> Path:
     return Path(recipe.run.data_dir) if recipe.run.data_dir else recipe.run_dir / "data"
 
 
-def prepare_data(recipe_path: str, overrides: list[str], workers: int = 1):
-    """``cpt prepare``: tokenizer and token shards only, ``workers`` processes tokenizing."""
+def prepare_data(recipe_path: str, overrides: list[str], workers: int = 1, part: tuple[int, int] | None = None):
+    """``cpt prepare``: tokenizer and token shards only, ``workers`` processes tokenizing; with ``part`` (I, N),
+    only the I-th of N parts of the tasks (a slurm array task), leaving the corpora unassembled (None)."""
     from cpt.data.prepare import prepare
 
     recipe, base_dir = load_recipe(recipe_path, overrides)
-    return prepare(recipe, base_dir, data_dir(recipe, base_dir), workers=workers)
+    return prepare(recipe, base_dir, data_dir(recipe, base_dir), workers=workers, part=part)
 
 
 def run(recipe_path: str, overrides: list[str], overwrite: bool = False, resume: bool = False,

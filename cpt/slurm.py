@@ -155,6 +155,8 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", action="store_true", help="the run directory holds a run: continue it in the job")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes that tokenize the data in the "
                    "job (default 1)")
+    p.add_argument("--prepare-tasks", type=int, metavar="N", help="when the data is not prepared: tokenize it in "
+                   "an array of N CPU jobs first (default 1), training after them")
     p.add_argument("--dry-run", action="store_true", help="print the script, write and submit nothing")
 
 
@@ -169,6 +171,11 @@ def dispatch(args: argparse.Namespace) -> bool:
         launch(args)
     elif args.command == "sweep" and args.slurm:
         submit_sweep(args)
+    elif args.command == "prepare" and args.slurm:
+        if args.tasks is None or args.task is not None:
+            raise CptError("cpt prepare --slurm needs --tasks N (the array's size) and no --task, which is what "
+                           "its array tasks run")
+        submit_prepare(args, args.tasks)
     else:
         return False
     return True
@@ -179,7 +186,7 @@ def refuse_slurm_options(args: argparse.Namespace) -> None:
     for option in ("nodes", "gpus_per_node", "partition", "time", "account", "cpus_per_task", "grace", "port",
                    "requeue"):
         if getattr(args, option):
-            raise CptError(f"--{option.replace('_', '-')} is a slurm job option: add --slurm to submit the sweep")
+            raise CptError(f"--{option.replace('_', '-')} is a slurm job option: add --slurm to submit it as a job")
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -232,7 +239,7 @@ def launch(args: argparse.Namespace) -> str | None:
     from cpt.recipe import load_recipe
     from cpt import rundir
 
-    recipe, _ = load_recipe(args.recipe, args.overrides)  # a recipe that does not validate fails here, not in the queue
+    recipe, base_dir = load_recipe(args.recipe, args.overrides)  # a recipe that does not validate fails here
     run_dir = recipe.run_dir
     existing = [name for name in rundir.OUTPUTS if (run_dir / name).exists()]
     if existing and not args.resume and rundir.has_progress(run_dir):
@@ -250,13 +257,61 @@ def launch(args: argparse.Namespace) -> str | None:
     if args.dry_run:
         print(script, end="")
         return None
+    from cpt.data.prepare import is_prepared
+    from cpt.runner import data_dir
+
+    after = []
+    if not is_prepared(recipe, base_dir, data_dir(recipe, base_dir)):
+        # Tokenizing is a job of its own, on CPU: the training ranks never wait for it inside a collective.
+        prepared = submit_prepare(args, args.prepare_tasks or 1)
+        after = [f"--dependency=afterok:{prepared}"]
     path = run_dir / "slurm" / "launch.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
-    job = submit(path)
+    job = submit(path, after)
     shape = f"{config.gpus_per_node} GPU(s)" if config.gpus_per_node else "1 CPU process"
     print(f"submitted job {job}: {path} ({config.nodes} node(s) x {shape}); log {run_dir / 'slurm' / f'{job}.out'}")
     return job
+
+
+def submit_prepare(args: argparse.Namespace, tasks: int) -> str:
+    """``cpt prepare RECIPE --slurm --tasks N``: an array of N jobs, task I tokenizing every N-th task of each
+    corpus from the I-th (``cpt prepare --task I --tasks N``), then one job, after all of them succeeded, that
+    assembles the corpora (``cpt prepare``). On CPU nodes unless ``--gpus-per-node`` says otherwise; ``--workers``
+    processes tokenize in each. Returns the assembling job's id (what training waits for)."""
+    from cpt.recipe import load_recipe
+    from cpt.runner import data_dir
+
+    if tasks < 1:
+        raise CptError(f"--tasks: expected a positive number of array tasks, got {tasks}")
+    gpus = args.gpus_per_node if args.command == "prepare" else None  # launch's GPUs are for training
+    cpu = argparse.Namespace(**{**vars(args), "nodes": None, "gpus_per_node": gpus or "0"})
+    config = SlurmConfig.from_args(cpu)
+    recipe, _ = load_recipe(args.recipe, args.overrides)
+    logs = data_dir(recipe, None) / "slurm"
+    name = "cpt-prepare-" + re.sub(r"[^A-Za-z0-9_.-]", "-", recipe.name)[:50]
+    command = ["prepare", str(Path(args.recipe).resolve()), *args.overrides, *workers_args(args)]
+    scripts = {
+        "prepare-tasks": render("sweep-array.sbatch", {
+            **common_values(config), "job_name": f"{name}-tasks", "array": f"0-{tasks - 1}", "task_option": "--task",
+            "output": log_path(logs, "%x-%A_%a.out"), "cpt_args": words([*command, "--tasks", str(tasks), "--task"])}),
+        "prepare": render("single-node.sbatch", {
+            **common_values(config), "job_name": name, "nodes": "1", "processes": "1",
+            "output": log_path(logs, "%x-%j.out"), "port": DEFAULT_PORT, "grace": str(config.grace),
+            "cpt_args": words(command)}),
+    }
+    if getattr(args, "command", None) == "prepare" and args.dry_run:
+        for kind, script in scripts.items():
+            print(f"# ---- {logs / f'{kind}.sbatch'}\n{script}", end="")
+        return ""
+    logs.mkdir(parents=True, exist_ok=True)
+    jobs: list[str] = []
+    for kind, script in scripts.items():
+        path = logs / f"{kind}.sbatch"
+        path.write_text(script)
+        jobs.append(submit(path, [f"--dependency=afterok:{jobs[0]}"] if jobs else []))
+        print(f"submitted {kind} {'array ' if not jobs[:-1] else ''}{jobs[-1]}: {path}")
+    return jobs[-1]
 
 
 def array_spec(indices: list[int]) -> str:

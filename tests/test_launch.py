@@ -199,8 +199,10 @@ def test_two_gpu_node_runs_two_processes_stub(base_recipe, tmp_path):
     """GPU counts, on stub slurm: a 1-node x 2-GPU job runs `accelerate launch` with 2 processes (CPU here, gloo)."""
     recipe, root = base_recipe
     run_dir = tmp_path / "gpus"
-    path = write_recipe(tmp_path / "gpus.yaml", recipe | {"run": recipe["run"] | {"dir": str(run_dir)},
+    path = write_recipe(tmp_path / "gpus.yaml", recipe | {"run": recipe["run"] | {"dir": str(run_dir),
+                                                                                  "data_dir": str(tmp_path / "data")},
                                                            "stages": [recipe["stages"][0]]})
+    assert main(["prepare", str(path)]) == 0  # prepared: the stub would run a preparation array as one job
     env = install_stubs(tmp_path)
     record = Path(env["STUB_DIR"])
     result = cpt("launch", str(path), "--slurm", "--gpus-per-node", "2", "train.micro_batch=2", env=env)
@@ -219,10 +221,13 @@ def test_two_gpu_node_runs_two_processes_stub(base_recipe, tmp_path):
 
 # --- a real slurm cluster --------------------------------------------------------------------------------------
 
-def launch(slurm, path: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    """``cpt launch PATH --slurm --gpus-per-node 0 ARGS`` submitted to the test cluster; returns the job id."""
+def launch(slurm, path: Path, *args: str, env: dict[str, str] | None = None, printed: list | None = None) -> str:
+    """``cpt launch PATH --slurm --gpus-per-node 0 ARGS`` submitted to the test cluster; returns the job id (and
+    appends what it printed to ``printed``)."""
     result = cpt("launch", str(path), "--slurm", "--gpus-per-node", "0", *args, env={**slurm.env, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
+    if printed is not None:
+        printed.append(result.stdout)
     return result.stdout.split("submitted job ")[1].split(":")[0]
 
 
@@ -258,12 +263,23 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 def cpu_run(slurm, base_recipe):
     """The recipe as a real slurm job on one CPU node: one process, no launcher. The reference of the tests below."""
     path, run_dir = recipe_at(base_recipe, "cpu")
-    job = launch(slurm, path, "--nodes", "1")
-    return run_dir, job, finished(slurm, job, run_dir)
+    printed = []
+    job = launch(slurm, path, "--nodes", "1", "--prepare-tasks", "2", printed=printed)
+    waiting = slurm.job(job)
+    return run_dir, job, finished(slurm, job, run_dir), printed[0], waiting
 
 
-def test_cpu_job_trains_the_recipe_and_finishes(cpu_run):
-    run_dir, job, info = cpu_run
+def test_cpu_job_trains_the_recipe_and_finishes(slurm, cpu_run):
+    """The data was not prepared: `cpt launch` submitted its preparation (an array of 2 CPU jobs, then the job
+    that assembles the corpora) and the training job after it (afterok)."""
+    run_dir, job, info, printed, waiting = cpu_run
+    array, assemble = (line.split(":")[0].split()[-1] for line in printed.splitlines()[:2])
+    assert printed.startswith(f"submitted prepare-tasks array {array}: ") and f"submitted prepare {assemble}: " in printed
+    assert waiting["Dependency"] == f"afterok:{assemble}(unfulfilled)"
+    tasks = slurm.wait_all(array)
+    assert len(tasks) == 2 and {t["JobState"] for t in tasks} == {"COMPLETED"}
+    assert slurm.job(assemble)["JobState"] == "COMPLETED"
+    assert max(t["EndTime"] for t in tasks) <= slurm.job(assemble)["StartTime"] <= info["StartTime"]
     assert info["ExitCode"] == "0:0" and info["NumNodes"] == "1" and info["NodeList"] in ("n1", "n2")
     log = job_log(run_dir, job)
     assert "global batch 8 = micro-batch 4 x grad_accum 2 x 1 process(es)" in log
@@ -477,3 +493,35 @@ def test_an_installed_cpt_renders_its_scripts_without_the_checkout(base_recipe, 
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "#SBATCH --nodes=2" in shown.stdout and f"CPT=(run {path} --auto-resume)" in shown.stdout
+
+
+def test_prepare_runs_as_an_array_then_assembles_the_same_corpus(slurm, tiny_corpora, tmp_path):
+    """`cpt prepare --slurm --tasks 2`: two array tasks tokenize alternate tasks of the standard library's sources
+    (about 40 tasks of 200 KB), then a job assembles them: the corpus is byte for byte what one local
+    `cpt prepare` writes."""
+    recipe = tiny_recipe(tiny_corpora, tmp_path / "run")
+    recipe["corpora"]["code"] = {"source": "python-stdlib", "val_fraction": 0.05}
+    recipe["tokenizer"]["train"]["corpora"] = ["english"]
+    recipe["data"] = {"task_mb": 0.2}
+    local = write_recipe(tmp_path / "local.yaml", recipe | {"run": recipe["run"] | {"data_dir": str(tmp_path / "l")}})
+    arrayed = write_recipe(tmp_path / "array.yaml", recipe | {"run": recipe["run"] | {"data_dir": str(tmp_path / "a")}})
+    assert main(["prepare", str(arrayed), "--slurm", "--tasks", "2", "--dry-run"]) == 0
+    assert not (tmp_path / "a").exists()
+    result = cpt("prepare", str(arrayed), "--slurm", "--tasks", "2", env=slurm.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    array, assemble = (line.split(":")[0].split()[-1] for line in result.stdout.splitlines()[:2])
+    assert main(["prepare", str(local)]) == 0
+    tasks = slurm.wait_all(array)
+    assert [(t["JobState"], t["ExitCode"]) for t in tasks] == [("COMPLETED", "0:0")] * 2
+    assert slurm.wait(assemble)["JobState"] == "COMPLETED", (tmp_path / "a" / "slurm").iterdir()
+    logs = {p.name: p.read_text() for p in (tmp_path / "a" / "slurm").glob("*-tasks-*.out")}
+    assert len(logs) == 2 and all("(part" in text for text in logs.values())
+    [reference] = (tmp_path / "l").glob("code-*")
+    shards = sorted(p.name for p in (reference / "shards").glob("*.bin"))
+    assert len(shards) >= 20
+
+    def files(path: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+                and p.name != "manifest.json"}
+
+    assert files(tmp_path / "a" / reference.name) == files(reference)

@@ -19,6 +19,7 @@ reads as one flat token array (:class:`cpt.data.pretokenized.TokenRanges`). Corp
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -131,8 +132,8 @@ def write_shard(
 def write_corpus(
     name: str, out_dir: Path, tasks: Sequence[Callable[[], Iterable[str]]], plan: list, tokenizer, fingerprint: str,
     info: dict, val_fraction: float, val_max_docs: int | None, split_seed: int, workers: int = 1,
-    source_bytes: int | None = None,
-) -> TokenShard:
+    source_bytes: int | None = None, part: tuple[int, int] | None = None,
+) -> TokenShard | None:
     """Tokenize a corpus given as ``tasks`` (each a callable giving its documents, in corpus order) into
     ``out_dir``, one token shard per task, and return the opened corpus.
 
@@ -147,6 +148,8 @@ def write_corpus(
         info: extra manifest fields (tokenizer fingerprint, source files...).
         workers: processes that tokenize; 1 tokenizes in this process.
         source_bytes: size of the corpus's files, to tell a full disk about how much the shard needs.
+        part: ``(I, N)``: write only tasks I, I + N, ... (other processes write the rest at the same time; a
+            task is written by one process, under its lock) and return None without assembling.
 
     Raises:
         DiskFullError: the disk filled up; the finished shards are kept for the next run, a corpus already at
@@ -160,14 +163,20 @@ def write_corpus(
     start = time.time()
     with _space_for_shard(out_dir, name, counts, dtype.itemsize, source_bytes):
         _claim_partial(partial, plan)
+        mine = range(len(tasks)) if part is None else range(part[0], len(tasks), part[1])
         try:
-            for index, documents in enumerate(tasks):
-                if not (partial / SHARDS / f"{index:05d}{DOCS}").is_file():
-                    _write_task(partial / SHARDS, index, documents(), name, tokenizer, dtype, counts, split_seed,
-                                val_fraction, workers)
+            for index in mine:
+                with _task_lock(partial / SHARDS, index):
+                    if not (partial / SHARDS / f"{index:05d}{DOCS}").is_file():
+                        _write_task(partial / SHARDS, index, tasks[index](), name, tokenizer, dtype, counts,
+                                    split_seed, val_fraction, workers)
         finally:
-            if not any((partial / SHARDS).glob(f"*{DOCS}")):  # nothing finished to keep
+            if part is None and not any((partial / SHARDS).glob(f"*{DOCS}")):  # nothing finished to keep
                 shutil.rmtree(partial, ignore_errors=True)
+        if part is not None:
+            log.info("corpus '%s': tasks %s of %d done (part %d of %d); `cpt prepare` without --task assembles it",
+                     name, ",".join(map(str, mine)) or "none", len(tasks), part[0], part[1])
+            return None
         try:
             _assemble(partial, len(tasks), name, dtype, counts, val_max_docs, {
                 "format_version": FORMAT_VERSION, "corpus": name, "fingerprint": fingerprint, "dtype": dtype.name,
@@ -200,19 +209,34 @@ def _space_for_shard(out_dir: Path, name: str, counts: dict, itemsize: int, sour
 
 
 def _claim_partial(partial: Path, plan: list) -> None:
-    """``partial`` ready for this ``plan``: kept with its finished shards when it was made for the same plan,
-    else made anew; stale temporary task directories removed."""
+    """``partial`` ready for this ``plan``: kept with its finished shards when it was made for the same plan
+    (by an earlier, killed run, or by the other parts of a slurm array running now), else made anew."""
     stamp = partial / "plan.json"
-    if partial.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != plan):
-        shutil.rmtree(partial)
-    if partial.is_dir():
+    if partial.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) != plan:
+        shutil.rmtree(partial)  # the source files changed since: their shards are of no use
+    if stamp.is_file():
         done = len(list((partial / SHARDS).glob(f"*{DOCS}")))
-        log.info("continuing an interrupted preparation: %d of %d shard(s) done", done, len(plan))
-        for stale in (partial / SHARDS).glob(".*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if done:
+            log.info("continuing an interrupted preparation: %d of %d shard(s) done", done, len(plan))
         return
-    (partial / SHARDS).mkdir(parents=True)
-    stamp.write_text(json.dumps(plan) + "\n")
+    (partial / SHARDS).mkdir(parents=True, exist_ok=True)
+    tmp = partial / f".plan-{os.getpid()}.json"
+    tmp.write_text(json.dumps(plan) + "\n")
+    os.replace(tmp, stamp)
+
+
+@contextmanager
+def _task_lock(shards: Path, index: int) -> Iterator[None]:
+    """Hold task ``index``'s lock (processes of a slurm array share the directory); on taking it, remove what a
+    killed writer of this task left (its lock was released when it died)."""
+    fd = os.open(shards / f".{index:05d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in shards.glob(f".{index:05d}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_task(shards: Path, index: int, documents: Iterable[str], name: str, tokenizer, dtype: np.dtype,

@@ -15,7 +15,7 @@ from conftest import tiny_recipe, write_recipe
 from cpt.cli import main
 from cpt.data import prepare as prepare_module
 from cpt.data.prepare import prepare
-from cpt.data.shards import SPLITS
+from cpt.data.shards import SPLITS, TokenShard
 from cpt.recipe import load_recipe
 
 
@@ -232,8 +232,6 @@ import signal
 import sys
 import time
 from cpt.cli import main
-from cpt.data import prepare
-prepare.TASK_BYTES = 200_000  # python-stdlib in about 40 tasks
 sys.exit(main(["prepare", sys.argv[1], "run.data_dir=" + sys.argv[2], "--workers", sys.argv[3]]))
 """
 
@@ -246,6 +244,7 @@ def test_a_killed_preparation_continues_to_the_same_bytes(tiny_corpora, tmp_path
     setup.prepare()
     raw = dict(setup.raw, tokenizer={"path": str(setup.data_dir / "tokenizer")})
     raw["corpora"] = {"english": raw["corpora"]["english"], "code": {"source": "python-stdlib", "val_fraction": 0.05}}
+    raw["data"] = {"task_mb": 0.2}  # python-stdlib in about 40 tasks
     recipe = str(write_recipe(tmp_path / "stdlib.yaml", raw))
 
     def run(data_dir: Path, workers: int = 1) -> subprocess.Popen:
@@ -274,3 +273,43 @@ def test_a_killed_preparation_continues_to_the_same_bytes(tiny_corpora, tmp_path
     assert f"continuing an interrupted preparation: {done} of {shards} shard(s) done" in err
     assert not list((tmp_path / "killed").glob(".code-*"))
     assert corpus_bytes(tmp_path / "killed" / reference.name) == corpus_bytes(reference)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "2", "--tasks", "2"], "--task 2: expected 0 <= I < N with --tasks N, got --tasks 2"),
+    (["--task", "0"], "--task 0: expected 0 <= I < N with --tasks N, got --tasks None"),
+    (["--tasks", "2"], "--tasks N without --slurm needs --task I"),
+    (["--slurm", "--task", "0", "--tasks", "2"], "cpt prepare --slurm needs --tasks N (the array's size) and no --task"),
+    (["--slurm", "--tasks", "0"], "--tasks: expected a positive number of array tasks, got 0"),
+    (["--partition", "cpu"], "--partition is a slurm job option: add --slurm to submit it as a job"),
+])
+def test_prepare_parts_are_checked_in_one_line(recipe_file, capsys, args, message):
+    assert main(["prepare", str(recipe_file), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"cpt: error: {message}") and err.count("\n") == 1, err
+    assert not (recipe_file.parent / "run").exists()
+
+
+def test_parts_of_a_preparation_then_the_whole_give_the_same_corpus(tiny_corpora, tmp_path, capsys):
+    """What the array tasks of `cpt prepare --slurm --tasks 3` run, here one after another: each part writes its
+    tasks' shards and no corpus; the plain `cpt prepare` after them tokenizes nothing and assembles."""
+    setup = Setup(tiny_corpora, tmp_path)
+    reference = setup.prepare()
+    raw = dict(setup.raw, data={"task_mb": 0.01})  # the 10 code files in 3+ tasks
+    recipe = str(write_recipe(tmp_path / "parts.yaml", raw))
+    for part in range(3):
+        assert main(["prepare", recipe, f"run.data_dir={tmp_path / 'parts'}", "--task", str(part), "--tasks", "3"]) == 0
+    assert capsys.readouterr().out == ""  # no corpus is finished yet
+    assert not list((tmp_path / "parts").glob("code-*"))
+    assert main(["prepare", recipe, f"run.data_dir={tmp_path / 'parts'}"]) == 0
+    err = capsys.readouterr().err
+    shards = len(list((tmp_path / "parts").glob("code-*/shards/*.bin")))
+    assert shards >= 3 and f"continuing an interrupted preparation: {shards} of {shards} shard(s) done" in err
+    whole = setup.data_dir.parent / "whole"
+    assert main(["prepare", recipe, f"run.data_dir={whole}"]) == 0
+    for name, shard in reference.corpora.items():
+        [parts] = (tmp_path / "parts").glob(f"{name}-*")
+        assert corpus_bytes(parts) == corpus_bytes(whole / parts.name)
+        for split in SPLITS:  # and the token stream of the one-shard corpus
+            assert np.array_equal(np.asarray(getattr(TokenShard.open(parts), split).tokens),
+                                  np.asarray(getattr(shard, split).tokens))

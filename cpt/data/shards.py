@@ -346,9 +346,17 @@ def _encoded(batches: Iterable[list[str]], tokenizer, dtype: np.dtype,
 _worker_state: tuple = ()  # (tokenizer, dtype) in a worker process
 
 
-def _start_worker(tokenizer, dtype: np.dtype) -> None:
+def _start_worker(tokenizer, dtype: np.dtype, parent: int) -> None:
     global _worker_state
     _worker_state = (tokenizer, dtype)
+    # Die with the parent: a worker outliving a `kill -9` of it would keep the locks it inherited (the task's, the
+    # data directory's, a run's) and block the next run.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(1)
     # Ctrl-C reaches the whole process group: the parent handles it (and removes its temporary directory).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -368,7 +376,7 @@ def _worker_pool(tokenizer, dtype: np.dtype, workers: int) -> Iterator[Executor]
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_start_worker, initargs=(tokenizer, dtype))
+                               initializer=_start_worker, initargs=(tokenizer, dtype, os.getpid()))
     try:
         yield pool
     finally:

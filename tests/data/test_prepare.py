@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import sentencepiece as spm
 from conftest import tiny_recipe, write_recipe
@@ -238,7 +239,7 @@ sys.exit(main(["prepare", sys.argv[1], "run.data_dir=" + sys.argv[2], "--workers
 
 def test_a_killed_preparation_continues_to_the_same_bytes(tiny_corpora, tmp_path):
     """The standard library's sources (about 40 tasks of 200 KB) prepared once uninterrupted, and once killed
-    with SIGKILL after a few shards and run again with 2 workers: the rerun keeps the finished shards, and the
+    with SIGKILL after a few shards (2 worker processes) and run again with 2 workers: the rerun keeps the finished shards, and the
     corpus is byte for byte the uninterrupted one (shards, ranges, per-document tables)."""
     setup = Setup(tiny_corpora, tmp_path)
     setup.prepare()
@@ -257,13 +258,18 @@ def test_a_killed_preparation_continues_to_the_same_bytes(tiny_corpora, tmp_path
     shards = len(list((reference / "shards").glob("*.bin")))
     assert shards >= 20
 
-    killed = run(tmp_path / "killed")
+    killed = run(tmp_path / "killed", workers=2)  # its workers must die with it, not hold the task's lock
     deadline = time.time() + 300
-    while len(list((tmp_path / "killed").glob(".code-*.partial/shards/*.docs.npz"))) < 3:
+    workers = []
+    while len(list((tmp_path / "killed").glob(".code-*.partial/shards/*.docs.npz"))) < 3 or not workers:
         assert killed.poll() is None and time.time() < deadline, "finished before it could be killed"
-        time.sleep(0.01)
+        time.sleep(0.005)
+        workers = psutil.Process(killed.pid).children(recursive=True)  # a task's pool, while it tokenizes
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    # Its tokenizing processes die with it (they would hold the locks they inherited and block the rerun).
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert workers and not alive
     [partial] = (tmp_path / "killed").glob(".code-*.partial")
     done = len(list((partial / "shards").glob("*.docs.npz")))
     assert 3 <= done < shards

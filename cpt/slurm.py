@@ -300,18 +300,8 @@ def submit_prepare(args: argparse.Namespace, tasks: int) -> str:
             "output": log_path(logs, "%x-%j.out"), "port": DEFAULT_PORT, "grace": str(config.grace),
             "cpt_args": words(command)}),
     }
-    if getattr(args, "command", None) == "prepare" and args.dry_run:
-        for kind, script in scripts.items():
-            print(f"# ---- {logs / f'{kind}.sbatch'}\n{script}", end="")
-        return ""
-    logs.mkdir(parents=True, exist_ok=True)
-    jobs: list[str] = []
-    for kind, script in scripts.items():
-        path = logs / f"{kind}.sbatch"
-        path.write_text(script)
-        jobs.append(submit(path, [f"--dependency=afterok:{jobs[0]}"] if jobs else []))
-        print(f"submitted {kind} {'array ' if not jobs[:-1] else ''}{jobs[-1]}: {path}")
-    return jobs[-1]
+    jobs = submit_chain(scripts, logs, "afterok", args.command == "prepare" and args.dry_run)
+    return jobs[-1] if jobs else ""
 
 
 def array_spec(indices: list[int]) -> str:
@@ -359,17 +349,25 @@ def submit_sweep(args: argparse.Namespace) -> list[str]:
                 **common_values(config), "job_name": f"{name}-{kind}", "array": array_spec(indices),
                 "task_option": option, "output": log_path(sweep.dir / "slurm", "%x-%A_%a.out"),
                 "cpt_args": words(["sweep", sweep_path, *workers, option])})
-    if args.dry_run:
+    return submit_chain(scripts, sweep.dir / "slurm", "afterany", args.dry_run)
+
+
+def submit_chain(scripts: dict[str, str], directory: Path, dependency: str, dry_run: bool) -> list[str]:
+    """Write each of ``scripts`` (kind -> text) to ``DIRECTORY/KIND.sbatch`` and submit them in order, every one
+    after the first waiting on it (``--dependency=DEPENDENCY:FIRST``); with ``dry_run``, print them instead.
+    Returns the job ids."""
+    if dry_run:
         for kind, script in scripts.items():
-            print(f"# ---- {sweep.dir / 'slurm' / f'{kind}.sbatch'}\n{script}", end="")
+            print(f"# ---- {directory / f'{kind}.sbatch'}\n{script}", end="")
         return []
-    (sweep.dir / "slurm").mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     jobs: list[str] = []
     for kind, script in scripts.items():
-        path = sweep.dir / "slurm" / f"{kind}.sbatch"
+        path = directory / f"{kind}.sbatch"
         path.write_text(script)
-        jobs.append(submit(path, [f"--dependency=afterany:{jobs[0]}"] if jobs else []))
-        print(f"submitted {kind} array {jobs[-1]}: {path}")
+        jobs.append(submit(path, [f"--dependency={dependency}:{jobs[0]}"] if jobs else []))
+        array = " array" if "\n#SBATCH --array=" in script else ""
+        print(f"submitted {kind}{array} {jobs[-1]}: {path}")
     return jobs
 
 

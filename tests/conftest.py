@@ -78,6 +78,12 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
+def corpus_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a prepared corpus but its manifest (which names its sources' paths), by relative path."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != "manifest.json"}
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """Rows without their wall-clock fields, for comparing two runs."""
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import comparable, read_rows, tiny_recipe, write_recipe
+from conftest import comparable, corpus_bytes, read_rows, tiny_recipe, write_recipe
 from cpt import preemption
 from cpt.checkpoint import latest_intact
 from cpt.cli import main
@@ -519,9 +519,4 @@ def test_prepare_runs_as_an_array_then_assembles_the_same_corpus(slurm, tiny_cor
     [reference] = (tmp_path / "l").glob("code-*")
     shards = sorted(p.name for p in (reference / "shards").glob("*.bin"))
     assert len(shards) >= 20
-
-    def files(path: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-                and p.name != "manifest.json"}
-
-    assert files(tmp_path / "a" / reference.name) == files(reference)
+    assert corpus_bytes(tmp_path / "a" / reference.name) == corpus_bytes(reference)

@@ -100,7 +100,8 @@ def prepare_corpus(name: str, config: CorpusConfig, source_fp: str, tokenizer, t
     if pretokenized.is_tokens(config):
         if part is not None:
             return None  # nothing to tokenize: the whole preparation reads it
-        pretokenized.prepare_tokens(name, config, base_dir, out_dir, tokenizer, fingerprint,
+        made_with = load_tokenizer(_resolve(config.tokenizer, base_dir))
+        pretokenized.prepare_tokens(name, config, base_dir, out_dir, tokenizer, made_with, fingerprint,
                                     {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tok_fp,
                                      "source_fingerprint": source_fp, "source": config.source})
         shard = TokenShard.open(out_dir, tok_fp)

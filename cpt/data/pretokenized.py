@@ -59,10 +59,15 @@ class TokenFile:
     lengths: np.ndarray
 
     def tokens(self) -> np.ndarray:
-        size = (self.path.stat().st_size - self.offset) // self.dtype.itemsize
-        if size == 0:
-            return np.zeros(0, self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(size,))
+        return memmap_tokens(self.path, self.dtype, self.offset)
+
+
+def memmap_tokens(path: Path, dtype: np.dtype, offset: int = 0) -> np.ndarray:
+    """The tokens of ``path`` after ``offset`` header bytes, memory-mapped (an empty array for none)."""
+    size = (path.stat().st_size - offset) // dtype.itemsize
+    if size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(size,))
 
 
 def token_files(config, base_dir: Path | None) -> list[Path]:
@@ -175,8 +180,7 @@ def read_olmo(path: Path, dtype: str | None, eos: int) -> TokenFile:
     size = path.stat().st_size - offset
     if size % file_dtype.itemsize:
         raise CptError(f"'{path}' is {size:,} bytes, not a whole number of {file_dtype} tokens; is dtype right?")
-    file = TokenFile(path, file_dtype, offset, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    tokens = file.tokens()
+    tokens = memmap_tokens(path, file_dtype, offset)
     ends = []
     for start in range(0, len(tokens), 1 << 24):
         ends.append(np.flatnonzero(tokens[start:start + (1 << 24)] == eos) + start + 1)
@@ -184,8 +188,7 @@ def read_olmo(path: Path, dtype: str | None, eos: int) -> TokenFile:
     if len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
         ends = np.append(ends, len(tokens))
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
-    file.starts, file.lengths = starts, (ends - starts).astype(np.int64)
-    return file
+    return TokenFile(path, file_dtype, offset, starts, (ends - starts).astype(np.int64))
 
 
 class TokenRanges:
@@ -264,8 +267,7 @@ def open_ranges(path: Path, manifest: dict, split: str) -> TokenRanges:
                 raise CptError(f"token shard '{file}' is missing or truncated; delete '{path}' and run `cpt prepare`")
             raise CptError(f"token file '{file}' is missing or changed since it was prepared into '{path}'; run "
                            "`cpt prepare` again")
-        file = TokenFile(file, np.dtype(entry["dtype"]), entry["offset"], np.zeros(0), np.zeros(0))
-        files.append(file.tokens())
+        files.append(memmap_tokens(file, np.dtype(entry["dtype"]), entry["offset"]))
     with np.load(path / RANGES) as ranges:
         arrays = {k: ranges[f"{split}_{k}"] for k in ("file_of", "starts", "lengths", "eos_after")}
     return TokenRanges(files, **arrays, eos=manifest["eos_id"], dtype=manifest["dtype"])
@@ -281,12 +283,7 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
 
 
-def _hash_share(data: bytes, seed: int) -> float:
-    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, tokenizer, fingerprint_: str,
+def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, tokenizer, made_with, fingerprint_: str,
                    info: dict) -> None:
     """Find the documents of a token corpus, check its ids and tokenizer, split it by document and write
     ``out_dir`` (a manifest and the ranges of each split), atomically.
@@ -298,9 +295,9 @@ def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, toke
     import shutil
     import tempfile
 
-    from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from cpt.data.shards import held_out_bytes
+    from cpt.data.tokenizer import tokenizer_fingerprint
 
-    made_with = load_tokenizer(_resolve(config.tokenizer, base_dir))
     if tokenizer_fingerprint(made_with) != tokenizer_fingerprint(tokenizer):
         raise CptError(f"corpus '{name}' was tokenized with the tokenizer in '{config.tokenizer}' ({len(made_with):,} "
                        f"tokens, {type(made_with).__name__}), not with this recipe's ({len(tokenizer):,} tokens, "
@@ -326,7 +323,7 @@ def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, toke
                 continue
             seen_max = max(seen_max, int(doc.max()))
             needs_eos = int(doc[-1]) != eos
-            held = (_hash_share(doc.tobytes(), config.split_seed) < config.val_fraction
+            held = (held_out_bytes(doc.tobytes(), config.split_seed, config.val_fraction)
                     and (config.val_max_docs is None or val_docs < config.val_max_docs))
             split = "val" if held else "train"
             val_docs += held
@@ -364,8 +361,3 @@ def prepare_tokens(name: str, config, base_dir: Path | None, out_dir: Path, toke
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-
-
-def _resolve(path: str, base_dir: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (base_dir or Path.cwd()) / p

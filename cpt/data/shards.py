@@ -64,7 +64,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def is_held_out(text: str, seed: int, fraction: float) -> bool:
     """Whether a document belongs to the validation split: a seeded hash of its text, so the choice does not
     depend on document order and the same text always lands in the same split."""
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode()).digest()
+    return held_out_bytes(text.encode("utf-8", "replace"), seed, fraction)
+
+
+def held_out_bytes(data: bytes, seed: int, fraction: float) -> bool:
+    """:func:`is_held_out` of a document's bytes (a token corpus's token bytes)."""
+    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 

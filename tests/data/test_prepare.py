@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import sentencepiece as spm
-from conftest import tiny_recipe, write_recipe
+from conftest import corpus_bytes, tiny_recipe, write_recipe
 
 from cpt.cli import main
 from cpt.data import prepare as prepare_module
@@ -40,12 +40,6 @@ class Setup:
     def prepare(self):
         recipe, base_dir = load_recipe(write_recipe(self.tmp_path / "tiny.yaml", self.raw))
         return prepare(recipe, base_dir, self.data_dir)
-
-
-def corpus_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a prepared corpus but its manifest (which names its sources' paths), by relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-            and p.name != "manifest.json"}
 
 
 def total_bytes(shard) -> int:

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -167,6 +168,8 @@ def write_corpus(
     partial = out_dir.parent / f".{out_dir.name}.partial"
     start = time.time()
     with _space_for_shard(out_dir, name, counts, dtype.itemsize, source_bytes):
+        if part is None:
+            _remove_stale_partials(out_dir, partial)
         _claim_partial(partial, plan)
         mine = range(len(tasks)) if part is None else range(part[0], len(tasks), part[1])
         try:
@@ -211,6 +214,27 @@ def _space_for_shard(out_dir: Path, name: str, counts: dict, itemsize: int, sour
         needed = written * max(source_bytes or 0, text) // text if written and text else None
         with space_for(out_dir, f"the token shard of corpus '{name}'", needed):
             raise
+
+
+def _remove_stale_partials(out_dir: Path, partial: Path) -> None:
+    """Remove what killed preparations of this corpus left for other fingerprints (its sources, tokenizer or split
+    have changed since, so their shards are of no use), unless a process is writing one of their tasks now."""
+    pattern = re.compile(re.escape(out_dir.name.rsplit("-", 1)[0]) + r"-[0-9a-f]{16}\.partial")
+    for stale in out_dir.parent.glob(".*.partial"):
+        if stale == partial or not pattern.fullmatch(stale.name[1:]) or not stale.is_dir():
+            continue
+        locks = [os.open(lock, os.O_RDWR) for lock in (stale / SHARDS).glob(".*.lock")]
+        try:
+            for fd in locks:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a task of it is being written (another recipe's preparation, sharing the directory)
+        else:
+            log.info("removing %s, left by an interrupted preparation of sources that have changed since", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            for fd in locks:
+                os.close(fd)
 
 
 def _claim_partial(partial: Path, plan: list) -> None:

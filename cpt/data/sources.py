@@ -87,28 +87,49 @@ class CorpusConfig:
               "only for format olmo (a Megatron index records its dtype)")
 
 
-def source_tasks(config: CorpusConfig, base_dir: Path | None = None, task_bytes: int = 1 << 28) -> list[list[Path]]:
-    """The corpus's units (files, or saved HF dataset directories) in reading order, cut into consecutive groups
-    of about ``task_bytes`` each: the tasks of a resumable preparation. The groups depend only on the files and
-    their sizes, never on how many processes run them; a corpus capped by ``max_docs`` (a count over the whole
-    corpus) and the built-in ``kjv`` (one file) are one task."""
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes ``[start, end)`` of an uncompressed JSONL file, as one task reads them: the records whose line starts
+    in the range (a line that crosses ``end`` belongs to this slice, one that crosses ``start`` to the one before)."""
+
+    path: Path
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.start}-{self.end}"
+
+
+def source_tasks(config: CorpusConfig, base_dir: Path | None = None,
+                 task_bytes: int = 1 << 28) -> list[list[Path | FileSlice]]:
+    """The corpus's units (files, saved HF dataset directories, slices of a large JSONL file) in reading order, cut
+    into consecutive groups of about ``task_bytes`` each: the tasks of a resumable preparation. An uncompressed
+    JSONL file larger than ``task_bytes`` is cut into byte ranges of ``task_bytes`` (one task each), aligned to its
+    lines as they are read. The groups depend only on the files and their sizes, never on how many processes run
+    them; a corpus capped by ``max_docs`` (a count over the whole corpus) and the built-in ``kjv`` are one task."""
     if config.source == "kjv" or config.max_docs is not None:
         return [_resolve(config, base_dir)[1]]
-    tasks: list[list[Path]] = [[]]
+    tasks: list[list[Path | FileSlice]] = [[]]
     size = 0
     for unit in _resolve(config, base_dir)[1]:
         unit_size = unit.stat().st_size if unit.is_file() else sum(f.stat().st_size for f in unit.rglob("*")
                                                                     if f.is_file())
+        if unit_size > task_bytes and _format_of(unit, config) == "jsonl" and unit.suffix.lower() not in _COMPRESSED:
+            tasks.extend([FileSlice(unit, start, min(start + task_bytes, unit_size))]
+                         for start in range(0, unit_size, task_bytes))
+            tasks.append([])
+            size = 0
+            continue
         if tasks[-1] and size + unit_size > task_bytes:
             tasks.append([])
             size = 0
         tasks[-1].append(unit)
         size += unit_size
-    return tasks
+    return [task for task in tasks if task]
 
 
 def iter_documents(config: CorpusConfig, base_dir: Path | None = None,
-                   units: list[Path] | None = None) -> Iterator[str]:
+                   units: list[Path | FileSlice] | None = None) -> Iterator[str]:
     """Yield the corpus's documents (or, with ``units``, those of one task of :func:`source_tasks`) in a
     deterministic order, honouring ``config.max_docs``.
 
@@ -190,13 +211,14 @@ def _warn_once(message: str) -> None:
 
 
 def _documents(config: CorpusConfig, base_dir: Path | None, decoded: _Decoded,
-               units: list[Path] | None) -> Iterator[str]:
+               units: list[Path | FileSlice] | None) -> Iterator[str]:
     if config.source == "kjv":
         return _kjv_chapters(_kjv_path())
     units = _resolve(config, base_dir)[1] if units is None else units
     if config.source == "python-stdlib":
         return (_read_text(unit, decoded) for unit in units)
-    return (doc for unit in units for doc in _read_unit(unit, config, decoded))
+    return (doc for unit in units for doc in (_slice_texts(unit, config) if isinstance(unit, FileSlice)
+                                              else _read_unit(unit, config, decoded)))
 
 
 def _resolve(config: CorpusConfig, base_dir: Path | None) -> tuple[Path, list[Path]]:
@@ -412,10 +434,14 @@ def _read_unit(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterator[
         raise CptError(f"cannot decompress {path}: {e}; is it a complete {path.suffix} file?") from None
 
 
+def _format_of(path: Path, config: CorpusConfig) -> str:
+    if config.format != "auto":
+        return config.format
+    return "hf" if path.is_dir() else _EXTENSION_FORMATS.get(_format_suffix(path), "text")
+
+
 def _read_unit_as(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterator[str]:
-    fmt = config.format
-    if fmt == "auto":
-        fmt = "hf" if path.is_dir() else _EXTENSION_FORMATS.get(_format_suffix(path), "text")
+    fmt = _format_of(path, config)
     if fmt == "text":
         yield _read_text(path, decoded)
     elif fmt == "jsonl":
@@ -432,14 +458,34 @@ def _read_unit_as(path: Path, config: CorpusConfig, decoded: _Decoded) -> Iterat
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with _open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                message = f"{path} line {lineno}: not valid JSON ({e}); each line must be one JSON object"
-                raise CptError(message) from None
-            yield lineno, record
+            yield from ((lineno, record) for record in _jsonl_record(line, f"{path} line {lineno}"))
+
+
+def _jsonl_record(line: bytes, where: str) -> list[Any]:
+    """The record on one JSONL line: none for a blank line."""
+    if not line.strip():
+        return []
+    try:
+        return [json.loads(line)]
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CptError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+
+
+def _slice_texts(piece: FileSlice, config: CorpusConfig) -> Iterator[str]:
+    """The texts of the JSONL records whose line starts in ``piece``'s byte range."""
+    with _open(piece.path) as f:
+        pos = piece.start
+        if pos:  # the line that crosses start, if any, is the slice before's
+            f.seek(pos - 1)
+            pos += len(f.readline()) - 1
+        while pos < piece.end:
+            line = f.readline()
+            if not line:
+                break
+            where = f"{piece.path} line at byte {pos}"
+            pos += len(line)
+            for record in _jsonl_record(line, where):
+                yield _text_of(record, config.text_field, where)
 
 
 def _json_texts(path: Path, text_field: str) -> Iterator[str]:

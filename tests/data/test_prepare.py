@@ -292,10 +292,11 @@ def test_prepare_parts_are_checked_in_one_line(recipe_file, capsys, args, messag
 
 def test_parts_of_a_preparation_then_the_whole_give_the_same_corpus(tiny_corpora, tmp_path, capsys):
     """What the array tasks of `cpt prepare --slurm --tasks 3` run, here one after another: each part writes its
-    tasks' shards and no corpus; the plain `cpt prepare` after them tokenizes nothing and assembles."""
+    tasks' shards and no corpus; the plain `cpt prepare` after them tokenizes nothing and assembles. English is one
+    JSONL file, cut into byte ranges of 10 KB: its token stream is that of the file read whole."""
     setup = Setup(tiny_corpora, tmp_path)
     reference = setup.prepare()
-    raw = dict(setup.raw, data={"task_mb": 0.01})  # the 10 code files in 3+ tasks
+    raw = dict(setup.raw, data={"task_mb": 0.01})  # the 10 code files in 3+ tasks, english.jsonl in 4+ ranges
     recipe = str(write_recipe(tmp_path / "parts.yaml", raw))
     for part in range(3):
         assert main(["prepare", recipe, f"run.data_dir={tmp_path / 'parts'}", "--task", str(part), "--tasks", "3"]) == 0
@@ -303,8 +304,9 @@ def test_parts_of_a_preparation_then_the_whole_give_the_same_corpus(tiny_corpora
     assert not list((tmp_path / "parts").glob("code-*"))
     assert main(["prepare", recipe, f"run.data_dir={tmp_path / 'parts'}"]) == 0
     err = capsys.readouterr().err
-    shards = len(list((tmp_path / "parts").glob("code-*/shards/*.bin")))
-    assert shards >= 3 and f"continuing an interrupted preparation: {shards} of {shards} shard(s) done" in err
+    for name, least in (("code", 3), ("english", 4)):
+        shards = len(list((tmp_path / "parts").glob(f"{name}-*/shards/*.bin")))
+        assert shards >= least and f"continuing an interrupted preparation: {shards} of {shards} shard(s) done" in err
     whole = setup.data_dir.parent / "whole"
     assert main(["prepare", recipe, f"run.data_dir={whole}"]) == 0
     for name, shard in reference.corpora.items():
@@ -313,3 +315,30 @@ def test_parts_of_a_preparation_then_the_whole_give_the_same_corpus(tiny_corpora
         for split in SPLITS:  # and the token stream of the one-shard corpus
             assert np.array_equal(np.asarray(getattr(TokenShard.open(parts), split).tokens),
                                   np.asarray(getattr(shard, split).tokens))
+
+
+def test_a_preparation_left_for_changed_sources_is_removed_unless_it_is_being_written(tiny_corpora, tmp_path):
+    """Part 0 of 3 leaves a corpus's finished shards as a kill would; after a source file changes, the next
+    preparation (another fingerprint) removes them, except while a process holds one of their task locks."""
+    import fcntl
+    import os
+
+    setup = Setup(tiny_corpora, tmp_path)
+    setup.raw["data"] = {"task_mb": 0.01}
+    recipe = str(write_recipe(tmp_path / "parts.yaml", setup.raw))
+    data = f"run.data_dir={setup.data_dir}"
+    assert main(["prepare", recipe, data, "--task", "0", "--tasks", "3"]) == 0
+    [left] = setup.data_dir.glob(".code-*.partial")
+    assert list((left / "shards").glob("*.docs.npz"))
+    (setup.corpora / "code" / "bisect.py").write_text("changed = True\n")
+    fd = os.open(next((left / "shards").glob(".*.lock")), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a process writing that task would
+    try:
+        assert main(["prepare", recipe, data]) == 0
+        assert left.is_dir()
+    finally:
+        os.close(fd)
+    (setup.corpora / "code" / "bisect.py").write_text("changed = 2\n")
+    assert main(["prepare", recipe, data]) == 0
+    assert not left.exists() and not list(setup.data_dir.glob(".*.partial"))
+    assert len(list(setup.data_dir.glob("code-*"))) == 2  # both changed versions, prepared

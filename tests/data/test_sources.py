@@ -409,3 +409,51 @@ def test_compressed_jsonl_and_text_stream_as_their_format(tmp_path, suffix):
     (tmp_path / "d" / f"part.jsonl{suffix}").write_bytes(data[:len(data) // 2])
     message = error_of(tmp_path, f"d/part.jsonl{suffix}")
     assert message.startswith(f"cannot decompress {tmp_path / 'd' / f'part.jsonl{suffix}'}: ") and "\n" not in message
+
+
+# ---- tasks: groups of files and byte ranges of a large JSONL file ----
+
+def test_large_jsonl_is_cut_into_byte_ranges_that_read_every_record_once(tmp_path):
+    """Whatever the task size, the byte-range tasks of one JSONL file read its records once each, in order:
+    cuts inside a line, at a line's first byte, on a blank line and past the last line (no final newline)."""
+    rng = random.Random(0)
+    lines = [json.dumps({"text": f"doc {i} " + "\u00e9x" * rng.randrange(0, 40)}) if i % 7 else "" for i in range(300)]
+    path = write(tmp_path / "big.jsonl", "\n".join(lines))  # no newline after the last record
+    size = path.stat().st_size
+    config = CorpusConfig(source="big.jsonl")
+    whole = read(tmp_path, "big.jsonl")
+    assert len(whole) == 300 - len(range(0, 300, 7))
+    starts = [0] + list(itertools.accumulate(len(line.encode()) + 1 for line in lines))[:-1]
+    for task_bytes in [1, 2, 37, starts[5], starts[5] + 1, starts[5] - 1, 1000, size - 1, size]:
+        tasks = sources.source_tasks(config, tmp_path, task_bytes)
+        assert all(len(task) == 1 and isinstance(task[0], sources.FileSlice) for task in tasks) or task_bytes >= size
+        assert len(tasks) == -(-size // task_bytes)
+        docs = [doc for units in tasks for doc in iter_documents(config, tmp_path, units)]
+        assert docs == whole, task_bytes
+    assert sources.source_tasks(config, tmp_path, size) == [[path]]  # small enough: the file whole
+
+
+def test_tasks_group_small_files_and_never_cut_compressed_or_other_formats(tmp_path):
+    import gzip
+
+    write(tmp_path / "d" / "a.txt", "a" * 100)
+    write(tmp_path / "d" / "b.txt", "b" * 100)
+    write_jsonl(tmp_path / "d" / "c.jsonl", [{"text": "c" * 50}] * 10)
+    (tmp_path / "d" / "e.jsonl.gz").write_bytes(gzip.compress(b"".join([b'{"text": "e"}\n'] * 1000)))
+    write_parquet(tmp_path / "d" / "f.parquet", {"text": ["f" * 50] * 40})
+    config = CorpusConfig(source="d")
+    tasks = sources.source_tasks(config, tmp_path, 250)
+    names = [[str(u.path.name) + "@" + str(u.start) if isinstance(u, sources.FileSlice) else u.name for u in t]
+             for t in tasks]
+    c = (tmp_path / "d" / "c.jsonl").stat().st_size
+    assert names == [["a.txt", "b.txt"], *[[f"c.jsonl@{s}"] for s in range(0, c, 250)], ["e.jsonl.gz"], ["f.parquet"]]
+    assert [d for t in tasks for d in iter_documents(config, tmp_path, t)] == read(tmp_path, "d")
+
+
+def test_invalid_jsonl_in_a_byte_range_names_the_file_and_offset(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n' * 20 + '{"text": oops}\n' + '{"text": "ok"}\n' * 20)
+    config = CorpusConfig(source="bad.jsonl")
+    tasks = sources.source_tasks(config, tmp_path, 100)
+    with pytest.raises(CptError) as info:
+        [doc for units in tasks for doc in iter_documents(config, tmp_path, units)]
+    assert str(info.value).startswith(f"{path} line at byte {20 * 15}: not valid JSON")

@@ -1,11 +1,12 @@
 """Benchmark data preparation and the sampler at scale (issue 17's figures).
 
 1. Tokenization throughput: ``cpt.data.shards.write_shard`` with 1 and 2 workers against the ceiling of the
-   ``tokenizers`` library's own ``encode_batch`` over the same documents in the same process (its Rayon threads
-   included), with the demo's kind of tokenizer (sentencepiece BPE, 4,096 tokens, trained here on KJV + stdlib).
+   ``tokenizers`` library's own ``encode_batch`` over the same documents in the same process, on one thread (the
+   per-worker ceiling) and on its Rayon pool, with the demo's kind of tokenizer (sentencepiece BPE, 4,096 tokens,
+   trained here on KJV + stdlib).
 2. A large JSONL corpus (``--size-mb``, default 2,000 MB; generated from KJV chapters and standard-library
    modules, each repeated with a numbered header so that no two documents are equal): ``cpt prepare --workers 2``
-   uninterrupted (wall time, peak RSS of the process tree's largest process, via ``os.wait4``), then again
+   uninterrupted (wall time; peak RSS of its largest process, via ``os.wait4``, and of the tree summed), then again
    into another directory killed with SIGKILL at a random point and run again; the two corpora compared byte for
    byte.
 3. The sampler for 10^9 tokens in 1,000 shards: synthetic OLMo-style uint16 token files (1,000 x 10^6 tokens,
@@ -24,7 +25,6 @@ import io
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -62,21 +62,33 @@ def tokenizer_dir(work: Path) -> Path:
 
 
 def throughput(work: Path, tok_dir: Path, megabytes: int = 40) -> dict:
+    """Tokens per second of ``tokenizers``' own ``encode_batch`` (the ceiling) on one thread and on all of the
+    machine's (its Rayon pool), and of ``write_shard`` with 1 worker (this process; on one thread, then on all) and 2
+    worker processes (one thread each)."""
     from cpt.data.shards import write_shard
     from cpt.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     docs = list(texts(megabytes * 1_000_000))
-    start = time.perf_counter()
-    tokens = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
-    ceiling = tokens / (time.perf_counter() - start)
     rates = {}
-    for workers in (1, 2):
+
+    def one_thread(on: bool) -> None:  # tokenizers reads the variable at every call
+        os.environ["TOKENIZERS_PARALLELISM"] = "false" if on else "true"
+
+    tokens = 0
+    for threads in ("1", "all"):
+        one_thread(threads == "1")
         start = time.perf_counter()
-        write_shard(f"w{workers}", work / f"tp-{workers}", docs, tokenizer, "fp", {}, 0.01, None, 0, workers=workers)
-        rates[workers] = (tokens + len(docs)) / (time.perf_counter() - start)
-    return {"megabytes": megabytes, "documents": len(docs), "tokens": tokens, "ceiling": ceiling,
-            "workers_1": rates[1], "workers_2": rates[2]}
+        tokens = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+        rates[f"ceiling_{threads}"] = (tokens + len(docs)) / (time.perf_counter() - start)
+    for name, workers, single in (("workers_1_thread_1", 1, True), ("workers_1", 1, False), ("workers_2", 2, False)):
+        one_thread(single)
+        start = time.perf_counter()
+        write_shard(name, work / f"tp-{name}", docs, tokenizer, "fp", {}, 0.01, None, 0, workers=workers)
+        rates[name] = (tokens + len(docs)) / (time.perf_counter() - start)
+    os.environ.pop("TOKENIZERS_PARALLELISM")
+    return {"megabytes": megabytes, "documents": len(docs), "tokens": tokens + len(docs), "cpus": os.cpu_count(),
+            **rates}
 
 
 def prepare_process(recipe: Path, data_dir: Path) -> subprocess.Popen:
@@ -84,12 +96,39 @@ def prepare_process(recipe: Path, data_dir: Path) -> subprocess.Popen:
                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait(proc: subprocess.Popen) -> tuple[int, float]:
-    """Exit status and peak RSS (MiB) of ``proc`` and its largest waited-for child."""
+def wait(proc: subprocess.Popen) -> tuple[int, float, float]:
+    """Exit status of ``proc``; the peak RSS (MiB) of its largest process (``wait4``'s ``ru_maxrss`` covers the
+    process and the children it reaped: its tokenizing workers); and the peak of the RSS summed over the process
+    tree, sampled every 0.2 s (pages a forked worker shares with its parent counted in both: an upper bound)."""
+    import threading
+
+    import psutil
+
+    peak_sum, done = 0.0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_sum
+        root = psutil.Process(proc.pid)
+        while not done.wait(0.2):
+            try:
+                tree = [root, *root.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak_sum = max(peak_sum, total / 2**20)
+            except psutil.Error:
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return proc.returncode, max(usage.ru_maxrss, children) / 1024
+    return proc.returncode, usage.ru_maxrss / 1024, peak_sum
 
 
 def large_corpus(work: Path, tok_dir: Path, size_mb: int) -> dict:
@@ -109,7 +148,7 @@ def large_corpus(work: Path, tok_dir: Path, size_mb: int) -> dict:
         subprocess.run(["rm", "-rf", str(work / d)], check=True)
     start = time.perf_counter()
     proc = prepare_process(recipe, work / "whole")
-    code, rss = wait(proc)
+    code, rss, rss_tree = wait(proc)
     wall = time.perf_counter() - start
     assert code == 0, proc.stderr.read()[-2000:]
     kill_at = random.Random(size_mb).uniform(0.2, 0.8) * wall
@@ -121,7 +160,7 @@ def large_corpus(work: Path, tok_dir: Path, size_mb: int) -> dict:
     done = len(list((partial / "shards").glob("*.docs.npz"))) if partial else 0
     start = time.perf_counter()
     proc = prepare_process(recipe, work / "killed")
-    code, _ = wait(proc)
+    code, _, _ = wait(proc)
     rerun = time.perf_counter() - start
     assert code == 0, proc.stderr.read()[-2000:]
     [whole] = (work / "whole").glob("large-*")
@@ -136,7 +175,8 @@ def large_corpus(work: Path, tok_dir: Path, size_mb: int) -> dict:
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     shards = len(list((whole / "shards").glob("*.bin")))
     return {"size_mb": round(corpus.stat().st_size / 1e6), "tokens": tokens, "shards": shards, "wall_s": wall,
-            "peak_rss_mib": rss, "killed_at_s": kill_at, "shards_kept": done, "rerun_s": rerun, "identical": same}
+            "peak_rss_mib": rss, "peak_rss_tree_mib": rss_tree, "killed_at_s": kill_at, "shards_kept": done,
+            "rerun_s": rerun, "identical": same}
 
 
 def sampler_at_scale(work: Path, tok_dir: Path, files: int = 1000, per_file: int = 1_000_000) -> dict:
@@ -217,15 +257,20 @@ def main() -> None:
 Tokenization of {t['megabytes']} MB of KJV + stdlib text ({t['documents']:,} documents, {t['tokens']:,} tokens) with a
 4,096-token sentencepiece BPE:
 
-| | tokens/s | vs the ceiling |
+| | tokens/s | per worker vs the one-thread ceiling |
 |---|---|---|
-| `tokenizers` `encode_batch` in this process (the ceiling) | {t['ceiling']:,.0f} | 1.00 |
-| `write_shard`, 1 worker | {t['workers_1']:,.0f} | {t['workers_1'] / t['ceiling']:.2f} |
-| `write_shard`, 2 workers | {t['workers_2']:,.0f} | {t['workers_2'] / t['ceiling']:.2f} |
+| `tokenizers` `encode_batch`, one thread (the ceiling) | {t['ceiling_1']:,.0f} | 1.00 |
+| `tokenizers` `encode_batch`, its thread pool ({t['cpus']} CPUs) | {t['ceiling_all']:,.0f} | |
+| `write_shard`, 1 worker on one thread | {t['workers_1_thread_1']:,.0f} | {t['workers_1_thread_1'] / t['ceiling_1']:.2f} |
+| `write_shard`, 1 worker with the tokenizer's thread pool | {t['workers_1']:,.0f} | |
+| `write_shard`, 2 worker processes | {t['workers_2']:,.0f} | {t['workers_2'] / 2 / t['ceiling_1']:.2f} |
+
+Tokens include each document's EOS. 2 workers against 1 on one thread: {t['workers_2'] / t['workers_1_thread_1']:.2f}x.
 
 A {big['size_mb']:,} MB JSONL corpus ({big['tokens']:,} tokens, {big['shards']} shards of 64 MB of text), `cpt prepare
---workers 2`: {big['wall_s']:.0f} s, peak RSS {big['peak_rss_mib']:.0f} MiB. Killed with SIGKILL after
-{big['killed_at_s']:.0f} s ({big['shards_kept']} shards finished and kept) and run again: {big['rerun_s']:.0f} s more,
+--workers 2`: {big['wall_s']:.0f} s; peak RSS of its largest process {big['peak_rss_mib']:.0f} MiB, of the three
+processes together at most {big['peak_rss_tree_mib']:.0f} MiB (summed RSS, shared pages counted in each). Killed with
+SIGKILL after {big['killed_at_s']:.0f} s ({big['shards_kept']} shards finished and kept) and run again: {big['rerun_s']:.0f} s more,
 corpus identical to the uninterrupted one: **{big['identical']}**.
 
 The sampler over {s['tokens']:,} tokens in {s['files']:,} OLMo-style token files, read in place: preparing (finding

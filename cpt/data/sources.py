@@ -509,7 +509,9 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
             parquet = pq.ParquetFile(f)
             if text_field not in parquet.schema_arrow.names:
                 raise _missing_field(text_field, str(path), parquet.schema_arrow.names)
-            batches = (batch.column(0).to_pylist() for batch in parquet.iter_batches(columns=[text_field]))
+            # Batches of 1,024 rows (not pyarrow's 65,536): the memory held is then about one row group's column.
+            batches = (batch.column(0).to_pylist()
+                       for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]))
             yield from _column_texts(batches, text_field, str(path))
         except pa.ArrowException as e:
             raise CptError(f"cannot read {path} as Parquet: {e}") from None

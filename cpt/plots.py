@@ -82,7 +82,8 @@ def _eval_segments(rows: list[dict], name: str,
 
 def plot_curves(rows: list[dict], path: Path, title: str = "eval loss by stage",
                 start_from: dict[str, str | None] | None = None) -> Path:
-    """Plot every eval set's loss over global steps with stages shaded, and the learning rate in a panel below.
+    """Plot every eval set's loss over global steps with stages shaded, and the learning rate in a panel below
+    (and above it, when the run has an automatic replay rate, that rate).
 
     Args:
         rows: metrics rows as returned by :func:`read_metrics`.
@@ -94,15 +95,24 @@ def plot_curves(rows: list[dict], path: Path, title: str = "eval loss by stage",
     Returns:
         ``path``.
     """
-    fig = Figure(figsize=(10, 6), dpi=120, layout="constrained")
+    replay = of_kind(rows, "replay")
+    fig = Figure(figsize=(10, 7.5 if replay else 6), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax, *rate_ax, lr_ax = fig.subplots(3 if replay else 2, 1, sharex=True, height_ratios=(3, 1, 1) if replay else (3, 1))
     ax.set_ylabel("eval loss (nats/token)")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
     spans = _stage_spans(rows)
-    _shade_stages(ax, spans, label=True)
-    _shade_stages(lr_ax, spans, label=False)
+    for i, axis in enumerate((ax, *rate_ax, lr_ax)):
+        _shade_stages(axis, spans, label=i == 0)
+    if replay:  # each rate holds from its evaluation to the next (the last one is at the stage's end)
+        rate_ax[0].set_ylabel("replay rate")
+        for stage in dict.fromkeys(r["stage"] for r in replay):
+            points = [r for r in replay if r["stage"] == stage]
+            rate_ax[0].step([r["step"] for r in points], [r["rate"] for r in points], where="post", color="C3",
+                            linewidth=1.4)
+        rate_ax[0].set_ylim(bottom=0)
+        rate_ax[0].grid(True, alpha=0.3)
 
     evals = of_kind(rows, "eval")
     for i, name in enumerate(dict.fromkeys(r["set"] for r in evals)):

@@ -16,8 +16,21 @@ def log_budget(rows: list[dict]) -> None:
     for r in rows:
         available = "-" if r["available"] is None else f"{r['available']:,}"
         epochs = "-" if r["epochs"] is None else f"{r['epochs']:.2f}"
-        lines.append(f"{r['stage']:<14}{r['source']:<18}{r['weight']:>8.3f}{r['tokens']:>14,}{available:>14}{epochs:>8}")
-    log.info("data budget (epochs = passes over the source by the stage's end):\n%s", "\n".join(lines))
+        most = "<=" if r.get("at_most") else ""
+        lines.append(f"{r['stage']:<14}{r['source']:<18}{r['weight']:>8.3f}{most:>4}{r['tokens']:>10,}{available:>14}"
+                     f"{epochs:>8}")
+    note = " <= : an automatic replay rate, counted at its max" if any(r.get("at_most") for r in rows) else ""
+    log.info("data budget (epochs = passes over the source by the stage's end;%s):\n%s", note, "\n".join(lines))
+
+
+def log_stage_end(metrics, stage: str, index: int, step: int, stage_tokens: dict[str, int], seconds: float,
+                  eval_seconds: float) -> None:
+    """A stage's end: a ``data`` row per source (tokens drawn in the stage), its time, and the ``stage`` end row."""
+    for source, tokens in stage_tokens.items():
+        metrics.log({"kind": "data", "step": step, "stage": stage, "source": source, "tokens": tokens})
+    log.info("stage '%s' took %.1fs, %.0f%% of it evaluating", stage, seconds, 100 * eval_seconds / seconds)
+    metrics.log({"kind": "stage", "event": "end", "stage": stage, "index": index, "step": step,
+                 "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)})
 
 
 def stage_progress(stage: str, steps: int, log_every: int, main_process: bool) -> Callable[[dict], None]:

@@ -200,6 +200,11 @@ class Recipe:
                           f"unknown corpus '{corpus}'{suggest(corpus, self.corpora)}")
                 check(bool(stage.replay.from_ or earlier), f"stages[{i}].replay.from",
                       "nothing to replay in the first stage; name the corpora to replay")
+            if stage.replay and stage.replay.hold is not None:
+                held = stage.replay.hold.set
+                check(held in self.eval.sets, f"stages[{i}].replay.hold.set",
+                      f"'{held}' is not an eval set{suggest(held, self.eval.sets)}; rate auto holds the loss of one of "
+                      f"eval.sets: {', '.join(self.eval.sets) or 'none'}")
         for set_name, eval_set in self.eval.resolved.items():
             corpus = eval_set.corpus
             key = f"eval.sets.{set_name}" + ("" if isinstance(self.eval.sets[set_name], str) else ".corpus")

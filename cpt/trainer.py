@@ -30,7 +30,7 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
-from cpt.progress import log_budget, stage_progress
+from cpt.progress import log_budget, log_stage_end, stage_progress
 from cpt.model import (apply_speed_options, count_parameters, cross_entropy_for, cross_entropy_sum,
                        token_loss_sum)
 from cpt.recipe import Recipe, StageConfig, TrainConfig
@@ -416,14 +416,8 @@ class Trainer:
             if t < steps:  # a stop asked for during the stage's last step waits for its final checkpoint
                 self.stop_if_asked(stage, optimizer, steps)
         end_eval = self.evaluate_all(stage)
-        for source, tokens in self.stream.stage_tokens().items():
-            self.metrics.log({"kind": "data", "step": self.state.global_step, "stage": stage.name, "source": source,
-                              "tokens": tokens})
-        seconds, eval_seconds = time.perf_counter() - stage_start, self.eval_seconds - eval_before
-        log.info("stage '%s' took %.1fs, %.0f%% of it evaluating", stage.name, seconds, 100 * eval_seconds / seconds)
-        self.metrics.log({"kind": "stage", "event": "end", "stage": stage.name, "index": index,
-                          "step": self.state.global_step, "seconds": round(seconds, 3),
-                          "eval_seconds": round(eval_seconds, 3)})
+        log_stage_end(self.metrics, stage.name, index, self.state.global_step, self.stream.stage_tokens(),
+                      time.perf_counter() - stage_start, self.eval_seconds - eval_before)
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
         module = self.accelerator.unwrap_model(self.model)
         following = self.recipe.stages[index + 1] if index + 1 < len(self.recipe.stages) else None
@@ -486,7 +480,8 @@ class Trainer:
 
     def evaluate_all(self, stage: StageConfig, known: dict[str, dict] | None = None) -> dict[str, dict]:
         """Evaluate every eval set and log a row each; ``known`` results (the previous stage's end, on the same
-        weights) are logged again for this stage instead of being computed twice."""
+        weights) are logged again for this stage instead of being computed twice. An automatic replay rate
+        changes with them (a ``replay`` row)."""
         parts, start, results = [], time.perf_counter(), {}
         for name, eval_set in self.eval_sets.items():
             result = (known or {}).get(name) or evaluate(self.model, eval_set, self.recipe.eval.batch_size,
@@ -497,6 +492,10 @@ class Trainer:
                               "corpus": eval_set.corpus, **result})
             parts.append(f"{name} {result['loss']:.3f} (bpb {result['bpb']:.3f})")
         self.eval_seconds += time.perf_counter() - start
+        replay = self.stream.observe(results)  # an automatic replay rate follows the held set's loss
+        if replay is not None:
+            self.metrics.log({"kind": "replay", "step": self.state.global_step, "stage": stage.name,
+                              "stage_step": self.state.stage_step, **replay})
         if parts:
             log.info("eval @ step %d (%s %d): %s", self.state.global_step, stage.name, self.state.stage_step,
                      " | ".join(parts) + (" (the previous stage's end)" if known else ""))

@@ -6,9 +6,9 @@
    trained here on KJV + stdlib).
 2. A large JSONL corpus (``--size-mb``, default 2,000 MB; generated from KJV chapters and standard-library
    modules, each repeated with a numbered header so that no two documents are equal): ``cpt prepare --workers 2``
-   uninterrupted (wall time; peak RSS of its largest process, via ``os.wait4``, and of the tree summed), then again
-   into another directory killed with SIGKILL at a random point and run again; the two corpora compared byte for
-   byte.
+   uninterrupted (wall time; peak RSS of its largest process and of the tree summed, sampled from ``/proc``), then
+   again into another directory, killed with SIGKILL at a random point and run again; the two corpora compared
+   byte for byte.
 3. The sampler for 10^9 tokens in 1,000 shards: synthetic OLMo-style uint16 token files (1,000 x 10^6 tokens,
    documents of 200-1,800 tokens), prepared in place; the time to build the run's ``DataStream`` and draw the
    first batch, and the size of its checkpoint state.
@@ -97,38 +97,46 @@ def prepare_process(recipe: Path, data_dir: Path) -> subprocess.Popen:
 
 
 def wait(proc: subprocess.Popen) -> tuple[int, float, float]:
-    """Exit status of ``proc``; the peak RSS (MiB) of its largest process (``wait4``'s ``ru_maxrss`` covers the
-    process and the children it reaped: its tokenizing workers); and the peak of the RSS summed over the process
-    tree, sampled every 0.2 s (pages a forked worker shares with its parent counted in both: an upper bound)."""
+    """Exit status of ``proc``; the peak RSS (MiB) of its largest process, and the peak of the RSS summed over its
+    process tree (pages a forked worker shares with its parent counted in both: an upper bound), both sampled every
+    0.2 s from ``/proc`` (each process's ``VmHWM``, its own peak, for the first; ``wait4``'s ``ru_maxrss`` would
+    count the benchmark's own memory, which a child keeps as its maximum across ``exec``)."""
     import threading
 
     import psutil
 
-    peak_sum, done = 0.0, threading.Event()
+    peak_one, peak_sum, done = 0.0, 0.0, threading.Event()
+
+    def hwm(pid: int) -> float:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
 
     def sample() -> None:
-        nonlocal peak_sum
+        nonlocal peak_one, peak_sum
         root = psutil.Process(proc.pid)
         while not done.wait(0.2):
             try:
                 tree = [root, *root.children(recursive=True)]
-                total = 0
-                for p in tree:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak_sum = max(peak_sum, total / 2**20)
             except psutil.Error:
                 return
+            total = 0.0
+            for p in tree:
+                try:
+                    total += p.memory_info().rss / 2**20
+                    peak_one = max(peak_one, hwm(p.pid))
+                except (psutil.Error, OSError):
+                    pass
+            peak_sum = max(peak_sum, total)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024, peak_sum
+    return proc.returncode, peak_one, peak_sum
 
 
 def large_corpus(work: Path, tok_dir: Path, size_mb: int) -> dict:

@@ -18,15 +18,21 @@ from cpt.runner import data_dir, resolve_precision
 from cpt.trainer import Trainer
 
 
-def main(recipe_path: str, out: str) -> None:
+def build_trainer(recipe_path: str) -> tuple[Trainer, object]:
+    """The recipe's trainer on this process's accelerator (data prepared by the main process first)."""
     recipe, base_dir = load_recipe(recipe_path)
     accelerator = make_accelerator(recipe, resolve_precision(recipe.train.mixed_precision), base_dir)
     with accelerator.main_process_first():
         data = prepare(recipe, base_dir, data_dir(recipe, base_dir))
     model = build_model(recipe.model, data.tokenizer, recipe.train.seq_len, base_dir)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(recipe, recipe.run_dir, model, data, accelerator, MetricsLogger(
-        recipe.run_dir, recipe.wandb, recipe.name, recipe.to_dict(), accelerator.is_main_process))
+    return Trainer(recipe, recipe.run_dir, model, data, accelerator, MetricsLogger(
+        recipe.run_dir, recipe.wandb, recipe.name, recipe.to_dict(), accelerator.is_main_process)), accelerator
+
+
+def main(recipe_path: str, out: str) -> None:
+    trainer, accelerator = build_trainer(recipe_path)
+    recipe = trainer.recipe
     steps = []
     for index, stage in enumerate(recipe.stages[:2]):
         trainer.stream.start_stage(index)

@@ -321,3 +321,19 @@ def test_what_cannot_work_is_refused_at_validation(distributed, stage, message, 
     if "lora" in message:  # and through the CLI: one line, exit 2
         result = cpt("check", str(path))
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_every_rank_applies_the_same_automatic_replay_rate_at_the_same_step(tiny_corpora, tmp_path):
+    """On 2 gloo processes the held set's loss is reduced over the ranks, so both controllers see the same
+    losses and set the same rates at the same steps, and both samplers draw the same sources: bit for bit."""
+    recipe = recipe_for(tiny_corpora, tmp_path, "auto", 2, pretrain=8, cpt=24)
+    recipe["eval"]["every"] = 4
+    recipe["stages"][1].update(mixture={"code": 1.0}, replay={
+        "rate": "auto", "from": ["english"], "start": 0.25, "gain": 0.1, "hold": {"set": "upstream", "tolerance": 0.01}})
+    path = write_recipe(tmp_path / "auto.yaml", recipe)
+    finish(launch(2, str(path), str(tmp_path / "out"), script=HERE / "rank_replay.py", log=tmp_path / "auto.log"))
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    steps = [d[0] for d in ranks[0]]
+    assert steps == [8, 12, 16, 20, 24, 28, 32]  # the cpt stage's start, every 4 steps, its end
+    assert len({d[2] for d in ranks[0]}) > 2, ranks[0]  # the rate did change

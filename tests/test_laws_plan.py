@@ -63,6 +63,15 @@ def test_usage1_from_the_law_solves_the_tolerance_equation(dcpt):
     assert rec.notes == [] and rec.round_down
     snippet = yaml.safe_load(plan.mixture_snippet(rec))["mixture"]
     assert snippet["domain"] == np.floor(expected * 1000) / 1000 and sum(snippet.values()) == pytest.approx(1.0)
+    # The commented alternative is a valid stage replay (rate auto) starting at the general share.
+    text = plan.mixture_snippet(rec)
+    alternative = yaml.safe_load("\n".join(line[2:] for line in text.splitlines()[3:]))
+    from cpt.config import build
+    from cpt.data.replay import ReplayConfig
+
+    replay = build(ReplayConfig, alternative["replay"], "replay")
+    assert alternative["mixture"] == {"domain": 1.0} and replay.rate == "auto"
+    assert replay.start == snippet["general"] and replay.hold.set == "upstream"
 
 
 def test_usage1_errors_and_extrapolation_notes(dcpt):

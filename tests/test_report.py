@@ -98,6 +98,18 @@ def test_write_report(tmp_path):
     assert text.startswith(format_stage_table(summary["stage_table"]) + "\n\ntokens per source and stage:")
 
 
+def test_an_automatic_replay_rate_gets_its_own_panel(tmp_path):
+    """The rate of each replay row, held until the next (a step line), between the losses and the learning rate."""
+    rows = _rows()
+    second = [r for r in rows if r["kind"] == "eval" and r["set"] == "upstream" and r["stage"] == STAGES[1][0]]
+    replay = [{"kind": "replay", "step": r["step"], "stage": r["stage"], "stage_step": r["stage_step"],
+               "rate": 0.1 * (k + 1), "set": "upstream", "loss": r["loss"], "start_loss": second[0]["loss"],
+               "holds": True} for k, r in enumerate(second)]
+    png, _ = write_report(_write_run(tmp_path / "run", rows + replay))
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert (width, height) == (1200, 900)  # 720 without it (test_write_report)
+
+
 def test_run_without_evals_still_plots_lr(tmp_path):
     rows = [r for r in _rows() if r["kind"] != "eval"]
     png, text = write_report(_write_run(tmp_path / "run", rows))

@@ -22,6 +22,9 @@ def recipe_dict(tiny_corpora, tmp_path_factory):
     recipe["checkpoint"] = {"every": 10, "keep_last": 2}
     recipe["eval"]["every"] = 25
     recipe["run"]["data_dir"] = str(root / "data")
+    # an automatic replay rate, which changes after each evaluation of the cpt stage (and must resume exactly)
+    recipe["stages"][1].update(mixture={"code": 1.0}, replay={
+        "rate": "auto", "from": ["english"], "start": 0.1, "gain": 0.1, "hold": {"set": "upstream", "tolerance": 0.02}})
     return recipe, root
 
 
@@ -71,8 +74,10 @@ def test_killed_run_resumes_bit_identically(recipe_dict, uninterrupted):
     assert "skipping checkpoint" in result.stderr and "step-50" in result.stderr and "truncated" in result.stderr
     assert "resuming from" in result.stderr and "step-40" in result.stderr
     assert "removed 1 unfinished checkpoint write" in result.stderr and not (ckpts / ".step-50-partial").exists()
-    # Bit-identical losses, and no duplicate or missing metrics rows.
+    # Bit-identical losses and replay rates, and no duplicate or missing metrics rows.
     assert comparable(rows_of(run_dir)) == comparable(rows_of(uninterrupted))
+    rates = [(r["step"], r["rate"]) for r in rows_of(uninterrupted) if r["kind"] == "replay"]
+    assert [step for step, _ in rates] == [20, 45, 70, 95, 100] and len({rate for _, rate in rates}) >= 3, rates
     # keep_last=2 mid-stage checkpoints plus every stage's final one
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*/step-*"))
     assert kept == ["step-100", "step-20", "step-80", "step-90"]

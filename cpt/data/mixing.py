@@ -102,7 +102,8 @@ class SamplerState:
     """Where the data stream is: a few counters, enough to continue exactly.
 
     ``counts`` are this stage's draws per source; ``cursors`` are each source's total draws over the run.
-    ``base_position``/``base_counts`` re-anchor the targets when the mixture is changed mid-stage (remix).
+    ``base_position``/``base_counts`` re-anchor the targets when the mixture is changed mid-stage (remix, or an
+    automatic replay rate's change).
     """
 
     stage_index: int = 0
@@ -111,10 +112,13 @@ class SamplerState:
     cursors: dict[str, int] = field(default_factory=dict)
     base_position: int = 0
     base_counts: dict[str, int] = field(default_factory=dict)
+    replay_rate: float | None = None  # an automatic replay rate's current value (None: the stage's start)
+    held_losses: list[float] = field(default_factory=list)  # the held set's losses this stage, for that rate
 
     def start_stage(self, index: int) -> None:
         self.stage_index, self.position, self.base_position = index, 0, 0
         self.counts, self.base_counts = {}, {}
+        self.replay_rate, self.held_losses = None, []
 
 
 class MixtureSampler:

@@ -14,11 +14,12 @@ Three kinds, each one more source in the stage's mixture:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
 from cpt.config import check, field
+from cpt.data.auto_replay import Controller, HoldConfig
 from cpt.errors import CptError
 
 BUFFER = "replay-buffer"
@@ -32,24 +33,52 @@ def fixed_name(corpus: str) -> str:
 
 @dataclass
 class ReplayConfig:
-    rate: float = field(doc="share of every batch that is replayed; the stage's own mixture shrinks by as much")
+    rate: Union[float, Literal["auto"]] = field(
+        doc="share of every batch that is replayed (the stage's own mixture shrinks by as much), or auto: the "
+            "share that holds an eval set's loss (hold; see cpt/data/auto_replay.py)")
     kind: Literal["corpus", "fixed", "buffer"] = field("corpus", doc="what is replayed (see cpt/data/replay.py)")
     from_: Optional[list[str]] = field(None, doc="corpora to replay (corpus/fixed; default: earlier stages' corpora)")
     size: int = field(1000, doc="sequences in a fixed replay set (kind fixed)")
+    hold: Optional[HoldConfig] = field(None, doc="rate auto: the eval set whose loss it holds, and the tolerance")
+    start: float = field(0.05, doc="rate auto: the rate until the held set's first evaluation after the stage's start")
+    min: float = field(0.0, doc="rate auto: the lowest rate")
+    max: float = field(0.5, doc="rate auto: the highest rate (what the data budget counts)")
+    gain: float = field(0.05, doc="rate auto: proportional gain, replay share per budget of excess loss")
+    integral: float = field(0.05, doc="rate auto: integral gain, replay share per budget of summed excess")
 
     def __post_init__(self):
-        check(0 < self.rate < 1, "rate", f"must be in (0, 1), got {self.rate}")
+        auto = self.rate == "auto"
+        check(auto or 0 < self.rate < 1, "rate", f"must be in (0, 1) or auto, got {self.rate}")
         check(self.size > 0, "size", "must be a positive number of sequences")
         check(self.kind != "buffer" or not self.from_, "from", "a buffer replays what was trained on; drop 'from'")
+        check(not auto or self.hold is not None, "hold",
+              "rate auto needs the eval set to hold, e.g. hold: {set: upstream, tolerance: 0.03}")
+        check(auto or self.hold is None, "hold", "only with rate: auto (a fixed rate holds nothing)")
+        check(0 <= self.min <= self.max < 1, "min", f"expected 0 <= min <= max < 1, got min {self.min}, max {self.max}")
+        check(self.min <= self.start <= self.max, "start",
+              f"must be within [min, max] = [{self.min}, {self.max}], got {self.start}")
+        check(self.gain >= 0 and self.integral >= 0, "gain", "the gains must be >= 0")
+
+    @property
+    def controller(self) -> Controller | None:
+        """The automatic rate's controller, for rate auto."""
+        if self.rate != "auto":
+            return None
+        return Controller(self.hold, self.start, self.min, self.max, self.gain, self.integral)
+
+    def initial_rate(self) -> float:
+        return self.start if self.rate == "auto" else self.rate
 
 
-def replay_weights(replay: ReplayConfig, earlier_corpora: list[str]) -> dict[str, float]:
-    """Mixture weights (summing to ``replay.rate``) of the replayed sources."""
+def replay_weights(replay: ReplayConfig, earlier_corpora: list[str], rate: float | None = None) -> dict[str, float]:
+    """Mixture weights (summing to ``rate``, by default the stage's fixed rate or its automatic one's start) of the
+    replayed sources."""
+    rate = replay.initial_rate() if rate is None else rate
     if replay.kind == "buffer":
-        return {BUFFER: replay.rate}
+        return {BUFFER: rate}
     corpora = replay.from_ or earlier_corpora
     names = corpora if replay.kind == "corpus" else [fixed_name(c) for c in corpora]
-    return {name: replay.rate / len(names) for name in names}
+    return {name: rate / len(names) for name in names}
 
 
 def _mix64(x: int) -> int:

@@ -506,10 +506,12 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
 
     with _open(path) as f:
         try:
-            parquet = pq.ParquetFile(f)
+            # Pages read as needed (buffered, not pre-buffered): the memory held is about one row group's
+            # column, whatever the file's size.
+            parquet = pq.ParquetFile(f, buffer_size=_CHUNK, pre_buffer=False)
             if text_field not in parquet.schema_arrow.names:
                 raise _missing_field(text_field, str(path), parquet.schema_arrow.names)
-            # Batches of 1,024 rows (not pyarrow's 65,536): the memory held is then about one row group's column.
+            # Batches of 1,024 rows, not pyarrow's 65,536 (up to 256 MB of text at a time).
             batches = (batch.column(0).to_pylist()
                        for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]))
             yield from _column_texts(batches, text_field, str(path))

@@ -38,22 +38,27 @@ def earlier_corpora(stages: list, index: int) -> list[str]:
     return list(dict.fromkeys(c for stage in reversed(line) for c in stage.corpora))
 
 
-def stage_schedules(stages: list, corpora: list[str]) -> list[MixtureSchedule]:
+def stage_schedules(stages: list, corpora: list[str], rates: dict[int, float] | None = None) -> list[MixtureSchedule]:
     """Each stage's mixture schedule, replay folded in: the stage's own weights scale by ``1 - rate`` and the
-    replayed sources share ``rate`` (compute-equivalent replay)."""
-    schedules = []
-    for i, stage in enumerate(stages):
-        anchors = {s: dict(w) for s, w in stage.anchors.items()}
-        if stage.replay is not None:
-            extra = replay_weights(stage.replay, earlier_corpora(stages, i))
-            for step, weights in anchors.items():
-                total = sum(weights.values())
-                scaled = {n: w / total * (1 - stage.replay.rate) for n, w in weights.items()}
-                for name, w in extra.items():
-                    scaled[name] = scaled.get(name, 0.0) + w
-                anchors[step] = scaled
-        schedules.append(MixtureSchedule(anchors, stage.mixture_interpolation))
-    return schedules
+    replayed sources share ``rate`` (compute-equivalent replay). ``rates`` overrides a stage's rate (an automatic
+    rate's current value; by default its ``start``)."""
+    return [stage_schedule(stages, i, (rates or {}).get(i)) for i in range(len(stages))]
+
+
+def stage_schedule(stages: list, index: int, rate: float | None = None) -> MixtureSchedule:
+    """Stage ``index``'s mixture schedule with its replay at ``rate`` (default: the stage's own)."""
+    stage = stages[index]
+    anchors = {s: dict(w) for s, w in stage.anchors.items()}
+    if stage.replay is not None:
+        rate = stage.replay.initial_rate() if rate is None else rate
+        extra = replay_weights(stage.replay, earlier_corpora(stages, index), rate)
+        for step, weights in anchors.items():
+            total = sum(weights.values())
+            scaled = {n: w / total * (1 - rate) for n, w in weights.items()}
+            for name, w in extra.items():
+                scaled[name] = scaled.get(name, 0.0) + w
+            anchors[step] = scaled
+    return MixtureSchedule(anchors, stage.mixture_interpolation)
 
 
 class DataStream:
@@ -106,7 +111,10 @@ class DataStream:
                 repeating a small set is what they are for).
         """
         rows, drawn_after = [], []
-        for i, (stage, schedule, steps) in enumerate(zip(self.stages, self.schedules, self.stage_steps)):
+        # An automatic rate may draw as much as its max: the budget counts that.
+        most = {i: s.replay.max for i, s in enumerate(self.stages) if s.replay is not None and s.replay.rate == "auto"}
+        schedules = stage_schedules(self.stages, list(self.sources), most)
+        for i, (stage, schedule, steps) in enumerate(zip(self.stages, schedules, self.stage_steps)):
             parent = parent_index(self.stages, i)
             drawn = dict(drawn_after[parent]) if parent is not None else {}
             drawn_after.append(drawn)
@@ -116,6 +124,7 @@ class DataStream:
                 available = None if name == BUFFER else len(self.sources[name])
                 epochs = None if available is None else drawn[name] / max(available, 1)
                 rows.append({"stage": stage.name, "source": name, "weight": weight,
+                             "at_most": i in most and name not in stage.corpora,
                              "tokens": int(round(draws)) * self.seq_len,
                              "available": None if available is None else available * self.seq_len, "epochs": epochs})
                 fixed = isinstance(self.sources.get(name), SubsetSequences)
@@ -132,6 +141,7 @@ class DataStream:
     def start_stage(self, index: int) -> None:
         """Begin stage ``index`` at its first position (cursors carry over)."""
         self.state.start_stage(index)
+        self.schedules[index] = stage_schedule(self.stages, index)
         if self.buffer is not None:
             self.buffer.freeze()
         self._make_sampler()
@@ -139,6 +149,27 @@ class DataStream:
     def _make_sampler(self) -> None:
         self.sampler = MixtureSampler(self.sources, self.schedules[self.state.stage_index], self.seed, self.state,
                                       self.per_step)
+
+    def observe(self, results: dict[str, dict]) -> dict | None:
+        """After an evaluation: with an automatic replay rate in the current stage, record the held set's loss and
+        apply the controller's rate from the next batch on (the sampler re-anchored here, so the proportions are
+        exact from this position and every cursor continues). Returns the ``replay`` metrics row's fields."""
+        index = self.state.stage_index
+        replay = self.stages[index].replay
+        controller = replay.controller if replay is not None else None
+        if controller is None:
+            return None
+        loss = results[controller.hold.set]["loss"]
+        self.state.held_losses.append(loss)
+        rate = controller.rates(self.state.held_losses)[-1]
+        if rate != self.state.replay_rate:
+            self.state.replay_rate = rate
+            self.schedules[index] = stage_schedule(self.stages, index, rate)
+            self.state.base_position, self.state.base_counts = self.state.position, dict(self.state.counts)
+            self._make_sampler()
+        reference = self.state.held_losses[0]
+        return {"rate": rate, "set": controller.hold.set, "loss": loss, "start_loss": reference,
+                "holds": controller.hold.holds(reference, loss)}
 
     def next_batch(self) -> tuple[np.ndarray, list[str]]:
         """The next global batch ``[sequences_per_step, seq_len + 1]`` and each row's source."""
@@ -171,6 +202,9 @@ class DataStream:
                 current position on. Other changes (sources, batch or world size, seed) are always errors.
         """
         saved = state["sampler"]
+        if saved.get("replay_rate") is not None:  # the automatic rate in force when it was saved
+            self.schedules[saved["stage_index"]] = stage_schedule(self.stages, saved["stage_index"],
+                                                                  saved["replay_rate"])
         current = self.fingerprint(saved["stage_index"])
         changed = [k for k, v in state["fingerprint"].items() if current.get(k) != v]
         allowed = {"mixture"} if remix else set()

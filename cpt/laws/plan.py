@@ -222,8 +222,13 @@ def mixture_snippet(rec: Recommendation, domain_name: str = "domain", general_na
     domain = (math.floor(scaled + 1e-9) if rec.round_down else round(scaled)) / 1000
     general = round(1.0 - domain, 3)
     said = ", ".join(f"{k} {v:.4g}" for k, v in rec.predicted.items())
+    tolerance = rec.inputs.get("tolerance", 0.03)
     return (f"# cpt plan, usage {rec.usage}: domain share {rec.ratio:.4f}; predicted {said}\n"
-            f"mixture: {{{_name(domain_name)}: {domain}, {_name(general_name)}: {general}}}\n")
+            f"mixture: {{{_name(domain_name)}: {domain}, {_name(general_name)}: {general}}}\n"
+            "# or as a forgetting budget: replay that starts at this share and adapts to hold the general loss\n"
+            f"# mixture: {{{_name(domain_name)}: 1.0}}\n"
+            f"# replay: {{kind: corpus, from: [{_name(general_name)}], rate: auto, start: {general}, "
+            f"max: {max(0.5, general)}, hold: {{set: upstream, tolerance: {tolerance}}}}}\n")
 
 
 def format_recommendation(rec: Recommendation) -> str:

@@ -83,8 +83,8 @@ def test_budget_follows_the_start_from_line():
 def test_buffer_rows_have_no_epochs():
     stages = [stage("one", 10, {"a": 1.0}), stage("two", 10, {"b": 1.0}, replay={"kind": "buffer", "rate": 0.25})]
     rows = stream({"a": 1000, "b": 1000}, stages).budget()
-    assert rows[-1] == {"stage": "two", "source": BUFFER, "weight": 0.25, "tokens": 100, "available": None,
-                        "epochs": None}
+    assert rows[-1] == {"stage": "two", "source": BUFFER, "weight": 0.25, "at_most": False, "tokens": 100,
+                        "available": None, "epochs": None}
 
 
 def test_max_epochs_error_names_stage_source_and_key():

@@ -206,6 +206,7 @@ def main() -> None:
     table = "\n".join(f"| {k} | {v:.1f} | {tokens / v:,.0f} |" for k, v in rows.items())
     dk, ck = checks["datatrove: killed halfway, run again"], checks["cpt: killed halfway, run again"]
     split_dt = checks[f"datatrove: tasks={args.files // 2} instead of {args.files}, same token stream"]
+    written = checks["tokens written (datatrove, cpt)"]
     body = f"""`scripts/bench_datatrove.py --mb {args.mb} --files {args.files}` ({where}; {DATATROVE} in its own
 environment; {benchmarks_md.code_version("cpt")}). {args.mb} MB of KJV + stdlib text in {args.files} JSONL files,
 {tokens:,} tokens with the 4,096-token BPE, one task per file in both; wall time includes start-up.
@@ -219,7 +220,8 @@ Killed with SIGKILL (process group) halfway and run again: datatrove had {dk['ta
 cpt had {ck['tasks done at the kill']} shards done and took {ck['rerun_s']} s more, identical:
 **{ck['same as uninterrupted']}**. Split differently: datatrove with {args.files // 2} tasks gives the same token stream
 as with {args.files}: **{split_dt}**; cpt as 3 slurm-array parts then assembly:
-**{checks['cpt: 3 array parts then assembly, same token stream']}**.
+**{checks['cpt: 3 array parts then assembly, same token stream']}**. Tokens written: datatrove {written[0]:,}, cpt
+{written[1]:,} (datatrove turns text that spells a special token into that token).
 """
     benchmarks_md.write_section(ROOT / "BENCHMARKS.md", HEADING, body)
 

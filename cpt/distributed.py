@@ -98,6 +98,10 @@ def check_stages(config: DistributedConfig, stages, train) -> None:
           "compile); use distributed.engine: ddp, or compile: false")
     check(train.mixed_precision != "fp16", "train.mixed_precision",
           f"fp16 under {config.name.split()[0]} needs loss scaling, which skips steps on overflow; use bf16 (or no)")
+    for i, stage in enumerate(stages):
+        check(stage.reptile is None, f"stages[{i}].reptile",
+              f"does not combine with {config.name.split()[0]}: its engine keeps the weights the optimizer updates "
+              "(DeepSpeed's fp32 master copy, FSDP's shards) out of the meta-update's reach; use distributed.engine: ddp")
     if not config.shards_weights:
         return
     instead = ("use distributed.zero_stage: 2 (shards optimizer state and gradients, keeps whole weights) or engine: "

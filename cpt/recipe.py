@@ -25,6 +25,7 @@ from cpt.methods.distill import DistillConfig
 from cpt.methods.freezing import HFTConfig
 from cpt.methods.l2 import L2InitConfig
 from cpt.methods.lora import LoraConfig
+from cpt.methods.reptile import ReptileConfig
 from cpt.data.sources import CorpusConfig
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, RecipeError
@@ -55,6 +56,8 @@ class StageConfig:
     lora: Optional[LoraConfig] = field(None, doc="train LoRA adapters only; merged into the weights at the stage's end")
     hft: Optional[HFTConfig] = field(None, doc="Half Fine-Tuning: freeze half of every layer's matrices by category")
     l2_init: Optional[L2InitConfig] = field(None, doc="pull trainable weights toward their value at the stage's start")
+    reptile: Optional[ReptileConfig] = field(None, doc="Reptile/MER: every k steps keep only a beta share of the "
+                                                      "interval's weight change (cpt/methods/reptile.py)")
     freeze: list[str] = field(default_factory=list, doc="regexes of parameter names to freeze in this stage")
 
     def __post_init__(self):

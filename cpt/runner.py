@@ -91,7 +91,7 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
     lineage = {"parent_run": str(path.parent.parent.parent), "checkpoint": str(path), "stage": meta["stage"],
                "step": meta["global_step"], "parent_recipe_fingerprint": meta["recipe_fingerprint"],
                "with_optimizer": with_optimizer, "with_data": with_data}
-    from cpt.trainer import optimizer_state
+    from cpt.optim import optimizer_state
 
     state = load_train_state(path, meta) if (with_optimizer or with_data) else {}
     carry = {"optimizer": optimizer_state(path, state) if with_optimizer else None,

@@ -33,7 +33,8 @@ from cpt.methods.stage import StageMethods, needs_start_weights
 from cpt.progress import log_budget, log_stage_end, stage_progress
 from cpt.model import (apply_speed_options, count_parameters, cross_entropy_for, cross_entropy_sum,
                        token_loss_sum)
-from cpt.recipe import Recipe, StageConfig, TrainConfig
+from cpt.optim import build_optimizer, load_optimizer_state, optimizer_state
+from cpt.recipe import Recipe, StageConfig
 from cpt.schedules import lr_at
 
 log = logging.getLogger(__name__)
@@ -47,25 +48,6 @@ class TrainState:
     stage_step: int = 0
     global_step: int = 0
     tokens: int = 0
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not.
-
-    The fused kernel (one kernel per tensor group) where torch has it for the parameters' device (CUDA; CPU since
-    torch 2.4), as the HF Trainer's default ``adamw_torch_fused``; on a 2-core CPU it measured the same as the
-    per-parameter loop torch picks there by default (BENCHMARKS.md, "Training throughput"). With DeepSpeed's
-    optimizer offload, Accelerate swaps it for DeepSpeed's CPU AdamW with the same groups: hand it a
-    ``torch.optim.AdamW`` (any other class becomes Adam with L2 decay there).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    options = dict(lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **options)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, **options)
 
 
 def draw_micro_batches(stream: DataStream, stage: StageConfig, grad_accum: int,
@@ -183,14 +165,6 @@ def _deepspeed_update(engine, optimizer, reduced: dict, step_tokens: int, distil
     return {**metrics, "grad_norm": grad_norm}
 
 
-def optimizer_state(path: Path, train_state: dict) -> dict | Path | None:
-    """A checkpoint's optimizer state: the torch state dict, or for DeepSpeed the directory of its shards."""
-    if train_state.get("optimizer") is not None:
-        return train_state["optimizer"]
-    shards = path / distributed.DEEPSPEED_DIR
-    return shards if shards.is_dir() else None
-
-
 def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Token rows onto the training device; to a GPU through pinned host memory without blocking, so the copy
     is queued ahead of the step's kernels instead of stalling the host."""
@@ -238,6 +212,7 @@ class Trainer:
         self.cross_entropy = cross_entropy_for(recipe.train)
         self.eval_seconds = 0.0
         self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those
+        self._stage_clock = (0.0, 0.0)  # (perf_counter, eval seconds) when the current stage began
         self.state = TrainState()
         self.methods: StageMethods | None = None
         # The first stage's starting weights, kept only when resuming it would need them.
@@ -333,35 +308,57 @@ class Trainer:
             else:
                 self.optimizer = self.accelerator.prepare(optimizer)
         if self._optimizer_state is not None:
-            self.load_optimizer_state(self._optimizer_state)
+            engine = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else "DDP"
+            load_optimizer_state(self.model, self.optimizer, self._optimizer_state, engine,
+                                 self.accelerator.num_processes)
             self._optimizer_state = None
         return self.optimizer
 
-    def load_optimizer_state(self, state: dict | Path) -> None:
-        """A torch optimizer state dict (DDP checkpoints), a whole one keyed by parameter name (FSDP, split
-        here into this rank's shards), or a checkpoint's ``deepspeed/`` directory: ZeRO state split per
-        rank, loadable only by a DeepSpeed run with the same number of processes."""
-        theirs = ("DeepSpeed" if isinstance(state, Path) else "FSDP" if distributed.is_name_keyed(state) else "DDP")
-        ours = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else "DDP"  # (FSDP on 1 process is DDP)
-        if theirs != ours:
-            article = "an" if theirs == "FSDP" else "a"
-            raise CptError(f"this run uses {ours} but the optimizer state comes from {article} {theirs} checkpoint; use the "
-                           "same distributed.engine, or start without it (cpt branch without --with-optimizer)")
-        if ours == "FSDP":
-            distributed.load_fsdp_optimizer_state(self.model, self.optimizer, state)
-            return
-        if ours == "DDP":
-            self.optimizer.load_state_dict(state)
-            return
-        world = (read_meta(state.parent) or {}).get("world_size")
-        if world != self.accelerator.num_processes:
-            raise CptError(f"{state.parent} holds ZeRO optimizer state split over {world} processes; run with "
-                           f"{world} processes, or branch from it without --with-optimizer (weights only)")
-        self.model.load_checkpoint(state, tag=distributed.DEEPSPEED_TAG, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
-
     def run_stage(self, index: int, stage: StageConfig, start_step: int = 0) -> None:
+        """One stage: ``begin_stage``, then the step loop (evaluations, checkpoints and stop requests between
+        steps), then ``end_stage``."""
         train, steps = self.recipe.train, self.recipe.train.stage_steps(stage)
+        optimizer = self.begin_stage(index, stage, start_step, steps)
+        progress = stage_progress(stage.name, steps, train.log_every, self.accelerator.is_main_process)
+        for t in range(start_step + 1, steps + 1):
+            progress(self.train_one(stage, optimizer, t, steps))
+            if self.recipe.eval.due(t, steps) and t < steps:
+                self.evaluate_all(stage)
+            every = self.recipe.checkpoint.every
+            if every and self.state.global_step % every == 0 and t < steps:
+                self.save(stage, optimizer, steps)
+            if t < steps:  # a stop asked for during the stage's last step waits for its final checkpoint
+                self.stop_if_asked(stage, optimizer, steps)
+        self.end_stage(index, stage, optimizer, steps)
+
+    def train_one(self, stage: StageConfig, optimizer, t: int, steps: int) -> dict:
+        """Stage step ``t``: set the LR, draw the batch, ``train_step``, the stage's meta-update; logs the row."""
+        lr = lr_at(stage.schedule, t, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        micro_batches, replay_rows = self.next_micro_batches(stage)
+        try:
+            metrics = train_step(self.model, optimizer, micro_batches, self.accelerator, self.recipe.train.grad_clip,
+                                 self.methods, replay_rows, self.cross_entropy)
+        except NonFiniteLossError as e:
+            sane = last_sane(self.run_dir) or "none with sane weights"
+            raise NonFiniteLossError(f"{e} at stage '{stage.name}' step {t}; weights were not updated. Lower "
+                                     f"the stage's peak_lr or check its data; last sane checkpoint: {sane}") from None
+        if self.methods.reptile is not None and self.methods.reptile.step(self.accelerator.unwrap_model(self.model),
+                                                                          t, steps):
+            metrics["reptile"] = True
+        step_tokens = self.global_batch * self.recipe.train.seq_len
+        self.state.stage_step, self.state.global_step = t, self.state.global_step + 1
+        self.state.tokens += step_tokens
+        row = {"kind": "train", "step": self.state.global_step, "stage": stage.name, "stage_step": t, **metrics,
+               "lr": lr, "tokens": self.state.tokens, "tokens_per_s": step_tokens / (time.perf_counter() - start)}
+        self.metrics.log(row)
+        return row
+
+    def begin_stage(self, index: int, stage: StageConfig, start_step: int, steps: int):
+        """Position the data (a new stage, or a branch), set up the stage's methods and optimizer, and evaluate
+        at a new stage's start; returns the optimizer."""
         self.state.stage_index = index
         if start_step == 0:
             self.state.stage_step = 0
@@ -376,10 +373,10 @@ class Trainer:
         sizes = {"trainable_params": trainable, "total_params": total, "optimizer_state_bytes": 8 * trainable}
         engine = distributed.engine_of(self.model)
         log.info("stage %d '%s': %d steps of %d x %d tokens, mixture %s; trainable %s of %s parameters (%.1f%%), "
-                 "AdamW state %.1f MiB, engine %s", index, stage.name, steps, self.global_batch, train.seq_len,
-                 ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()), f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total, 8 * trainable / 2**20, engine)
-        stage_start, eval_before = time.perf_counter(), self.eval_seconds
+                 "AdamW state %.1f MiB, engine %s", index, stage.name, steps, self.global_batch,
+                 self.recipe.train.seq_len, ", ".join(f"{k} {v:.3g}" for k, v in mixture.items()), f"{trainable:,}",
+                 f"{total:,}", 100 * trainable / total, 8 * trainable / 2**20, engine)
+        self._stage_clock = time.perf_counter(), self.eval_seconds
         if start_step == 0:
             self.metrics.log({"kind": "stage", "event": "start", "stage": stage.name, "index": index,
                               "step": self.state.global_step, "methods": self.methods.names(), "engine": engine, **sizes})
@@ -387,43 +384,19 @@ class Trainer:
             reuse = self._end_eval is not None and reuses_end_eval(previous, stage, self.per_stage_engine)
             self.evaluate_all(stage, self._end_eval if reuse else None)
         self._end_eval = None
-        progress = stage_progress(stage.name, steps, train.log_every, self.accelerator.is_main_process)
-        for t in range(start_step + 1, steps + 1):
-            lr = lr_at(stage.schedule, t, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            start = time.perf_counter()
-            micro_batches, replay_rows = self.next_micro_batches(stage)
-            try:
-                metrics = train_step(self.model, optimizer, micro_batches, self.accelerator, train.grad_clip,
-                                     self.methods, replay_rows, self.cross_entropy)
-            except NonFiniteLossError as e:
-                sane = last_sane(self.run_dir) or "none with sane weights"
-                raise NonFiniteLossError(f"{e} at stage '{stage.name}' step {t}; weights were not updated. Lower "
-                                         f"the stage's peak_lr or check its data; last sane checkpoint: {sane}") from None
-            step_tokens = self.global_batch * train.seq_len
-            self.state.stage_step, self.state.global_step = t, self.state.global_step + 1
-            self.state.tokens += step_tokens
-            row = {"kind": "train", "step": self.state.global_step, "stage": stage.name, "stage_step": t, **metrics,
-                   "lr": lr, "tokens": self.state.tokens, "tokens_per_s": step_tokens / (time.perf_counter() - start)}
-            self.metrics.log(row)
-            progress(row)
-            if self.recipe.eval.due(t, steps) and t < steps:
-                self.evaluate_all(stage)
-            every = self.recipe.checkpoint.every
-            if every and self.state.global_step % every == 0 and t < steps:
-                self.save(stage, optimizer, steps)
-            if t < steps:  # a stop asked for during the stage's last step waits for its final checkpoint
-                self.stop_if_asked(stage, optimizer, steps)
+        return optimizer
+
+    def end_stage(self, index: int, stage: StageConfig, optimizer, steps: int) -> None:
+        """Evaluate, log the stage's totals and write its final checkpoint; then finish its methods and hand the
+        next stage plain weights (a per-stage engine's model back to whole weights when the next one resets)."""
         end_eval = self.evaluate_all(stage)
+        started, eval_before = self._stage_clock
         log_stage_end(self.metrics, stage.name, index, self.state.global_step, self.stream.stage_tokens(),
-                      time.perf_counter() - stage_start, self.eval_seconds - eval_before)
+                      time.perf_counter() - started, self.eval_seconds - eval_before)
         self.save(stage, optimizer, steps)  # last, so the checkpoint covers every row of the stage
         module = self.accelerator.unwrap_model(self.model)
         following = self.recipe.stages[index + 1] if index + 1 < len(self.recipe.stages) else None
         if self.per_stage_engine and following is not None and following.reset_optimizer:
-            # The next stage gets a new engine; this one's model goes back to plain whole weights for it (after
-            # the last stage nothing needs them: the checkpoint has them already).
             module = distributed.plain_module(self.model, self.module_dtype, self.accelerator.device)
         module = self.methods.finish(module)
         if not self.per_stage_engine:

@@ -204,7 +204,8 @@ def interleaved_step_times(parent: Path, recipes: dict[str, Path], rounds: int, 
 
     from cpt.methods.stage import StageMethods
     from cpt.recipe import load_recipe
-    from cpt.trainer import build_optimizer, train_step
+    from cpt.optim import build_optimizer
+    from cpt.trainer import train_step
 
     accelerator = Accelerator(cpu=True)
     setups = {}

@@ -17,7 +17,7 @@ temporary directory and opened with ``np.memmap`` like ``TokenShard.open`` does)
   with and without ``with_format("numpy")``) are timed on the 4-source row, and the "faster than" verdict
   compares against the fastest way measured for each row.
 - **Training loop consumption**: real steps of the demo model (``cpt.model.build_model``: Llama, 4 layers,
-  hidden 128, heads 4, vocab 4096) with ``cpt.trainer.build_optimizer`` and ``cpt.trainer.train_step`` on
+  hidden 128, heads 4, vocab 4096) with ``cpt.optim.build_optimizer`` and ``cpt.trainer.train_step`` on
   Accelerate (CPU, fp32 as ``mixed_precision: auto`` resolves there), micro-batch 8 x seq 256, each step timed
   like the trainer's ``tokens_per_s``: drawing the batch + the step.
 - **Proportion error**: ``|count - weight x window|`` in sequences, the maximum over sources and over *every*
@@ -244,7 +244,8 @@ def time_training(tokens: list[np.ndarray], steps: int, warmup: int) -> tuple[fl
     from cpt.data.mixing import rank_rows
     from cpt.model import ArchConfig, ModelConfig, build_model
     from cpt.recipe import TrainConfig
-    from cpt.trainer import build_optimizer, train_step
+    from cpt.optim import build_optimizer
+    from cpt.trainer import train_step
 
     torch.manual_seed(SEED)
     train = TrainConfig(seq_len=256, micro_batch=8, grad_accum=1, mixed_precision="no")

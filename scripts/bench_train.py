@@ -5,7 +5,7 @@ same pre-tokenized, packed batches (random token ids, ``[B, T+1]`` windows: inpu
 targets the last T, so both sides compute the loss over the same ``B x T`` targets; the HF side passes them
 as ``shift_labels``), with the same micro-batch, gradient accumulation, precision (autocast), gradient
 clipping (1.0) and AdamW (betas, eps, weight decay from ``TrainConfig``; the HF ``optim`` is chosen to match
-the fused/foreach setting of ``cpt.trainer.build_optimizer``). Each side runs in its own process, the two
+the fused/foreach setting of ``cpt.optim.build_optimizer``). Each side runs in its own process, the two
 alternating over several rounds, so load from other jobs falls on both alike; a step is timed from the end
 of one optimizer step to the end of the next (batch draw included), the first ``--warmup`` steps of each
 process are left out, and the figure is the median over all timed steps of all rounds.
@@ -155,7 +155,8 @@ def cpt_steps(config: str, precision: str, count: int, variant: str = ""):
     from accelerate import Accelerator
 
     from cpt.model import apply_speed_options, cross_entropy_for
-    from cpt.trainer import build_optimizer, train_step
+    from cpt.optim import build_optimizer
+    from cpt.trainer import train_step
 
     device, precision = device_and_dtype(precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
@@ -262,7 +263,8 @@ def worker_extras(steps: int, warmup: int) -> dict:
     from cpt.metrics import MetricsLogger, WandbConfig
     from cpt.recipe import load_recipe
     from cpt.runner import resolve_precision
-    from cpt.trainer import build_optimizer, reuses_end_eval, train_step
+    from cpt.optim import build_optimizer
+    from cpt.trainer import reuses_end_eval, train_step
 
     recipe, base_dir = load_recipe(ROOT / "recipes" / "demo.yaml")
     device, _ = device_and_dtype("no")
@@ -369,7 +371,7 @@ def worker_adamw(config: str, rounds: int) -> dict:
     implementations taking turns over ``rounds`` rounds (median); the before/after of ``build_optimizer``."""
     import torch
 
-    from cpt.trainer import build_optimizer
+    from cpt.optim import build_optimizer
 
     model, train = build(config)
     for p in model.parameters():
@@ -450,7 +452,7 @@ def measure_prepare(rounds: int) -> dict:
 
 def hf_optim_for_cpt(config: str) -> str:
     """The HF ``optim`` matching what ``build_optimizer`` builds (fused or not)."""
-    from cpt.trainer import build_optimizer
+    from cpt.optim import build_optimizer
 
     model, train = build(config)
     return "adamw_torch_fused" if optimizer_setting(build_optimizer(model, train, LR)) == "fused" else "adamw_torch"

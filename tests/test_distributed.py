@@ -226,7 +226,7 @@ def test_optimizer_offload_keeps_adamw_and_the_recipes_groups(monkeypatch):
     from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cpt.trainer import build_optimizer
+    from cpt.optim import build_optimizer
 
     made = {}
 
@@ -303,6 +303,8 @@ REFUSED = [
     ({"offload_params": True}, {}, "distributed.offload_params: needs a sharding engine"),
     ({"engine": "fsdp"}, {"__compile": True}, "train.compile: is not wired for FSDP"),
     ({"engine": "deepspeed"}, {"__compile": True}, "train.compile: is not wired for DeepSpeed"),
+    ({"engine": "deepspeed"}, {"reptile": {"every": 5, "beta": 0.5}}, "stages[1].reptile: does not combine with DeepSpeed"),
+    ({"engine": "fsdp"}, {"reptile": {"every": 5, "beta": 0.5}}, "stages[1].reptile: does not combine with FSDP"),
 ]
 
 

@@ -120,7 +120,8 @@ def test_speed_options_train_like_the_plain_model(option):
 
     from cpt.model import apply_speed_options, cross_entropy_for
     from cpt.recipe import TrainConfig
-    from cpt.trainer import build_optimizer, train_step
+    from cpt.optim import build_optimizer
+    from cpt.trainer import train_step
 
     accelerator = Accelerator(cpu=True)
     # the same step's batch 4 times, so that 4 steps visibly lower its loss

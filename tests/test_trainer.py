@@ -14,7 +14,8 @@ from cpt.data.shards import TokenShard
 from cpt.errors import NonFiniteLossError
 from cpt.recipe import load_recipe
 from cpt.schedules import lr_at
-from cpt.trainer import build_optimizer, train_step
+from cpt.optim import build_optimizer
+from cpt.trainer import train_step
 
 from conftest import read_rows, run_cpt as cpt, tiny_recipe, write_recipe
 

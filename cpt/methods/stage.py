@@ -1,6 +1,6 @@
 """The anti-forgetting methods of one stage, applied to the model when the stage starts and undone when it
-ends: freezing by pattern, HFT masks, LoRA adapters, a frozen teacher for self-distillation, and the L2 pull
-toward the stage's starting weights.
+ends: freezing by pattern, HFT masks, LoRA adapters, a frozen teacher for self-distillation, the L2 pull
+toward the stage's starting weights, and Reptile meta-updates.
 
 "The stage's starting weights" are what the model holds when the stage begins. When a stage is resumed
 mid-way the model holds a checkpoint's weights instead, so the caller passes the starting weights
@@ -19,6 +19,7 @@ from cpt.methods.distill import make_teacher, teacher_dtype
 from cpt.methods.freezing import apply_trainable, freeze_patterns, hft_selection, selection_summary
 from cpt.methods.l2 import L2ToInit
 from cpt.methods.lora import ADAPTER_DIR, apply_lora, load_adapters, merge_lora, merged_copy, save_adapters
+from cpt.methods.reptile import Reptile
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class StageMethods:
     """Set up and tear down one stage's methods on an unwrapped Hugging Face model.
 
     Args:
-        stage: the stage's config (``freeze``, ``hft``, ``lora``, ``distill``, ``l2_init``).
+        stage: the stage's config (``freeze``, ``hft``, ``lora``, ``distill``, ``l2_init``, ``reptile``).
         index: stage index (HFT draws a new selection per stage).
         seed: run seed (LoRA adapter init).
     """
@@ -41,6 +42,7 @@ class StageMethods:
         self.stage, self.index, self.seed = stage, index, seed
         self.teacher: torch.nn.Module | None = None
         self.l2: L2ToInit | None = None
+        self.reptile: Reptile | None = None
         self.selection: dict[str, bool] | None = None
         self.lora = stage.lora is not None
 
@@ -50,7 +52,7 @@ class StageMethods:
 
         Args:
             start_state: the stage's starting weights when ``model`` holds other ones (resume).
-            resume_from: the checkpoint being resumed (LoRA adapters are loaded from it).
+            resume_from: the checkpoint being resumed (LoRA adapters and the Reptile anchor are loaded from it).
             selection: the HFT selection recorded in that checkpoint (reused, not re-drawn).
         """
         stage = self.stage
@@ -86,18 +88,30 @@ class StageMethods:
         if stage.l2_init is not None:
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             self.l2 = L2ToInit(start if start is not model else model, stage.l2_init.lambda_, names=trainable)
+        if stage.reptile is not None:
+            self.reptile = Reptile(model, stage.reptile)
+            if resume_from is not None:
+                self.reptile.load(resume_from)
         return model
 
     def checkpoint_parts(self, model: torch.nn.Module):
         """(model to save at the top level, a writer of extra files) for a checkpoint taken in this stage:
-        LoRA saves the merged model (loadable with plain transformers) plus its adapters in ``lora/``."""
-        if not self.lora:
+        LoRA saves the merged model (loadable with plain transformers) plus its adapters in ``lora/``; Reptile
+        its anchor."""
+        if not (self.lora or self.reptile):
             return model, None
-        return merged_copy(model), lambda directory: save_adapters(model, directory / ADAPTER_DIR)
+
+        def write_extra(directory: Path) -> None:
+            if self.lora:
+                save_adapters(model, directory / ADAPTER_DIR)
+            if self.reptile is not None:
+                self.reptile.save(directory)
+
+        return (merged_copy(model) if self.lora else model), write_extra
 
     def names(self) -> list[str]:
         """The active methods' recipe keys, e.g. ``["distill", "hft"]`` (replay is part of the mixture)."""
-        return [key for key in ("distill", "lora", "hft", "l2_init", "freeze") if getattr(self.stage, key)]
+        return [key for key in ("distill", "lora", "hft", "l2_init", "reptile", "freeze") if getattr(self.stage, key)]
 
     def record(self) -> dict:
         """What resume needs to rebuild the same setup (JSON for ``meta.json``)."""
@@ -108,5 +122,5 @@ class StageMethods:
         if self.lora:
             model = merge_lora(model)
         model.requires_grad_(True)
-        self.teacher = self.l2 = None
+        self.teacher = self.l2 = self.reptile = None
         return model

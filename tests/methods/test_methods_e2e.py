@@ -17,6 +17,8 @@ METHODS = {
     "lora": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
     "hft": {"hft": {"seed": 3}, "freeze": ["embed_tokens"]},
     "l2": {"l2_init": {"lambda": 0.1}},
+    # meta-updates at stage steps 2, 4 and 6: the mid-stage checkpoint (step 3) is inside an interval
+    "reptile": {"reptile": {"every": 2, "beta": 0.5}},
 }
 
 
@@ -45,6 +47,8 @@ def test_each_method_logs_its_terms(method_run):
     assert all("l2" in r for r in stage_rows(rows, "train", "l2"))
     assert stage_rows(rows, "train", "l2")[0]["l2"] == 0.0 < stage_rows(rows, "train", "l2")[-1]["l2"]
     assert not any("kl" in r or "l2" in r for r in stage_rows(rows, "train", "lora"))
+    assert [r["stage_step"] for r in stage_rows(rows, "train", "reptile") if r.get("reptile")] == [2, 4, 6]
+    assert not any("reptile" in r for name in METHODS if name != "reptile" for r in stage_rows(rows, "train", name))
     starts = {r["stage"]: r for r in rows if r["kind"] == "stage" and r["event"] == "start"}
     total = starts["pretrain"]["total_params"]
     assert starts["pretrain"]["trainable_params"] == total

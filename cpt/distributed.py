@@ -99,6 +99,9 @@ def check_stages(config: DistributedConfig, stages, train) -> None:
     check(train.mixed_precision != "fp16", "train.mixed_precision",
           f"fp16 under {config.name.split()[0]} needs loss scaling, which skips steps on overflow; use bf16 (or no)")
     for i, stage in enumerate(stages):
+        check(stage.merge is None, f"stages[{i}].merge",
+              f"does not combine with {config.name.split()[0]} in this version: the merged weights would have to "
+              "replace the engine's own copy; use distributed.engine: ddp, or cpt merge after the run")
         check(stage.reptile is None, f"stages[{i}].reptile",
               f"does not combine with {config.name.split()[0]}: its engine keeps the weights the optimizer updates "
               "(DeepSpeed's fp32 master copy, FSDP's shards) out of the meta-update's reach; use distributed.engine: ddp")

@@ -26,6 +26,7 @@ from cpt.methods.freezing import HFTConfig
 from cpt.methods.l2 import L2InitConfig
 from cpt.methods.lora import LoraConfig
 from cpt.methods.reptile import ReptileConfig
+from cpt.methods.stage_merge import StageMergeConfig, checkpoint_steps
 from cpt.data.sources import CorpusConfig
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, RecipeError
@@ -59,6 +60,8 @@ class StageConfig:
     reptile: Optional[ReptileConfig] = field(None, doc="Reptile/MER: every k steps keep only a beta share of the "
                                                       "interval's weight change (cpt/methods/reptile.py)")
     freeze: list[str] = field(default_factory=list, doc="regexes of parameter names to freeze in this stage")
+    merge: Optional[StageMergeConfig] = field(None, doc="at the stage's end, average its last checkpoints or "
+                                                        "interpolate toward its start (cpt/methods/stage_merge.py)")
 
     def __post_init__(self):
         check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
@@ -68,6 +71,7 @@ class StageConfig:
         check(not (self.lora and self.hft), "hft", "choose one of lora and hft for a stage")
         check(not (self.lora and self.l2_init), "l2_init", "L2-to-init applies to full weights; it does not combine "
                                                          "with lora")
+        check(not (self.lora and self.merge), "merge", "merges whole weights; it does not combine with lora")
         changes_params = self.lora or self.hft or self.freeze
         check(self.reset_optimizer or not changes_params, "reset_optimizer",
               "false needs the previous stage's trainable parameters; lora, hft and freeze change them")
@@ -208,6 +212,7 @@ class Recipe:
                 check(held in self.eval.sets, f"stages[{i}].replay.hold.set",
                       f"'{held}' is not an eval set{suggest(held, self.eval.sets)}; rate auto holds the loss of one of "
                       f"eval.sets: {', '.join(self.eval.sets) or 'none'}")
+        self._check_merges()
         for set_name, eval_set in self.eval.resolved.items():
             corpus = eval_set.corpus
             key = f"eval.sets.{set_name}" + ("" if isinstance(self.eval.sets[set_name], str) else ".corpus")
@@ -220,6 +225,24 @@ class Recipe:
         check(self.tokenizer.path or self.tokenizer.train or self.model.init != "scratch", "tokenizer",
               "a scratch model needs tokenizer.path or tokenizer.train")
         check_stages(self.distributed, self.stages, self.train)
+
+    def _check_merges(self) -> None:
+        """A stage-end average needs its checkpoints on disk; the stage after a merge starts a fresh optimizer."""
+        first = 0
+        for i, stage in enumerate(self.stages):
+            steps = self.train.stage_steps(stage)
+            if stage.merge is not None and stage.merge.kind == "average":
+                needed = stage.merge.last - 1
+                found = len(checkpoint_steps(first, steps, self.checkpoint.every))
+                check(found >= needed, f"stages[{i}].merge.last",
+                      f"averaging {stage.merge.last} checkpoints needs {needed} mid-stage ones, but checkpoint.every "
+                      f"{self.checkpoint.every} gives {found} in this stage; set checkpoint.every or lower last")
+                check(self.checkpoint.keep_last >= needed, "checkpoint.keep_last",
+                      f"must be >= {needed} so that stages[{i}].merge finds its checkpoints at the stage's end")
+            if stage.merge is not None and i + 1 < len(self.stages):
+                check(self.stages[i + 1].reset_optimizer, f"stages[{i + 1}].reset_optimizer",
+                      f"false does not follow a merge (stages[{i}].merge): the optimizer state fits the unmerged weights")
+            first += steps
 
     @property
     def run_dir(self) -> Path:

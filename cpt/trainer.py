@@ -22,7 +22,7 @@ from cpt.checkpoint import (checkpoint_dir, last_sane, list_checkpoints, load_tr
                             read_meta, rng_state, save_checkpoint, set_rng_state, staging_dir, verify_checkpoint,
                             weight_magnitude)
 from cpt.data.loader import eval_sequences
-from cpt.data.mixing import rank_rows
+from cpt.data.batches import draw_micro_batches
 from cpt.data.stream import DataStream
 from cpt.data.prepare import PreparedData
 from cpt.errors import CptError, NonFiniteLossError
@@ -30,6 +30,7 @@ from cpt.evaluate import EvalSet, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
+from cpt.methods.stage_merge import average_inputs, merged_weights
 from cpt.progress import log_budget, log_stage_end, stage_progress
 from cpt.model import (apply_speed_options, count_parameters, cross_entropy_for, cross_entropy_sum,
                        token_loss_sum)
@@ -48,18 +49,6 @@ class TrainState:
     stage_step: int = 0
     global_step: int = 0
     tokens: int = 0
-
-
-def draw_micro_batches(stream: DataStream, stage: StageConfig, grad_accum: int,
-                       accelerator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's micro-batches of ``stream``'s next global batch (see ``rank_rows``) on its device, and for
-    each a bool per row: whether it comes from a replay source rather than ``stage``'s own mixture."""
-    rows, names = stream.next_batch()
-    own = set(stage.corpora)
-    replay = np.array([[name not in own] for name in names])
-    world, rank = accelerator.num_processes, accelerator.process_index
-    return ([to_device(s, accelerator.device) for s in rank_rows(rows, grad_accum, world, rank)],
-            [torch.from_numpy(s[:, 0]) for s in rank_rows(replay, grad_accum, world, rank)])
 
 
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
@@ -165,15 +154,6 @@ def _deepspeed_update(engine, optimizer, reduced: dict, step_tokens: int, distil
     return {**metrics, "grad_norm": grad_norm}
 
 
-def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Token rows onto the training device; to a GPU through pinned host memory without blocking, so the copy
-    is queued ahead of the step's kernels instead of stalling the host."""
-    rows_BT = torch.from_numpy(rows)
-    if device.type == "cuda":
-        return rows_BT.pin_memory().to(device, non_blocking=True)
-    return rows_BT.to(device)
-
-
 def reuses_end_eval(previous: StageConfig | None, stage: StageConfig, per_stage_engine: bool) -> bool:
     """Whether a stage's start evaluation would repeat the previous stage's end evaluation exactly: the same
     weights in the same model object. Not after ``start_from`` (other weights), LoRA (merged at the end, added
@@ -216,8 +196,9 @@ class Trainer:
         self.state = TrainState()
         self.methods: StageMethods | None = None
         # The first stage's starting weights, kept only when resuming it would need them.
-        self.initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                              if needs_start_weights(recipe.stages[0]) else None)
+        first = recipe.stages[0]
+        keep = needs_start_weights(first) or (first.merge is not None and first.merge.kind == "interpolate")
+        self.initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else None
         self.optimizer = None
         self._optimizer_state: dict | None = None  # loaded into the next stage optimizer (resume, branch)
         self.last_checkpoint: Path | None = None
@@ -390,6 +371,8 @@ class Trainer:
         """Evaluate, log the stage's totals and write its final checkpoint; then finish its methods and hand the
         next stage plain weights (a per-stage engine's model back to whole weights when the next one resets)."""
         end_eval = self.evaluate_all(stage)
+        if stage.merge is not None:
+            end_eval = self.merge_at_end(index, stage, steps, end_eval)
         started, eval_before = self._stage_clock
         log_stage_end(self.metrics, stage.name, index, self.state.global_step, self.stream.stage_tokens(),
                       time.perf_counter() - started, self.eval_seconds - eval_before)
@@ -405,6 +388,24 @@ class Trainer:
             self.model = module
         self.methods = None
         self._end_eval = end_eval
+
+    def merge_at_end(self, index: int, stage: StageConfig, steps: int, before: dict[str, dict]) -> dict[str, dict]:
+        """Replace the stage's end weights by its ``merge``, evaluate them and log a ``merge`` row per eval set."""
+        module = self.accelerator.unwrap_model(self.model)
+        end = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        start = self.stage_start_state(index, stage) if stage.merge.kind == "interpolate" else None
+        paths = (average_inputs(self.run_dir, stage.name, stage.merge.last, self.state.global_step - steps, steps,
+                                self.recipe.checkpoint.every) if stage.merge.kind == "average" else [])
+        module.load_state_dict(merged_weights(stage.merge, end, start, paths))
+        results = {}
+        for name, eval_set in self.eval_sets.items():
+            results[name] = evaluate(self.model, eval_set, self.recipe.eval.batch_size, self.accelerator)
+            self.metrics.log({"kind": "merge", "step": self.state.global_step, "stage": stage.name,
+                              "stage_step": self.state.stage_step, "method": stage.merge.kind, "set": name,
+                              "loss_before": before[name]["loss"], **results[name]})
+        log.info("merge at the end of '%s' (%s): %s", stage.name, stage.merge.describe(), " | ".join(
+            f"{name} {before[name]['loss']:.3f} -> {r['loss']:.3f}" for name, r in results.items()))
+        return results
 
     def start_methods(self, index: int, stage: StageConfig, resumed: bool) -> None:
         """Apply the stage's anti-forgetting methods; a resumed stage rebuilds them from its starting weights

@@ -4,9 +4,10 @@ The demo's English pre-training stage is run once; every variant is then a ``cpt
 with ``--with-data`` whose one stage is the demo's code stage (150 steps, the same re-warmed cosine), evaluated
 every 10 steps, with the stage's own mixture ``{code: 1.0}`` and English replayed as ``replay: {kind: corpus}``:
 
-- fixed replay 0% (no replay), 5%, 10%, 25%;
+- fixed replay 0% (no replay), 5%, 10%, 25% and 50% (the automatic rate's default ``max``: whether any rate it
+  may reach holds a tolerance);
 - ``rate: auto`` holding the upstream (English) loss within 2%, 5% and 10% of its value at the stage's start, with
-  the controller's defaults (start 0.05, min 0, max 0.5, gain 0.05, integral 0.05, aim 0.5);
+  the controller's defaults (``ReplayConfig``'s and ``HoldConfig``'s);
 - MER: 5% fixed replay with ``reptile: {every: 10, beta: 0.5}``.
 
 Per variant, from its ``metrics.jsonl``: upstream loss at the start, at the end and at its peak (the stability gap's
@@ -42,9 +43,20 @@ HEADING = "## Forgetting budget on the demo"
 EVAL_EVERY = 10
 HOLD_FROM = 30  # stage step from which a tolerance must hold at every evaluation
 TOLERANCES = (0.02, 0.05, 0.10)
-FIXED = (0.0, 0.05, 0.10, 0.25)
+FIXED = (0.0, 0.05, 0.10, 0.25, 0.50)  # 50%: the automatic rate's default max
 MER = {"every": 10, "beta": 0.5}
 MER_RATE = 0.05
+
+
+def controller_defaults() -> str:
+    from dataclasses import fields
+
+    from cpt.data.auto_replay import HoldConfig
+    from cpt.data.replay import ReplayConfig
+
+    replay = {f.name: f.default for f in fields(ReplayConfig)}
+    aim = next(f.default for f in fields(HoldConfig) if f.name == "aim")
+    return ", ".join(f"{k} {replay[k]:g}" for k in ("start", "min", "max", "gain", "integral")) + f", aim {aim:g}"
 
 
 def variants() -> dict[str, dict]:
@@ -144,8 +156,7 @@ def format_section(results: dict[str, dict], info: dict) -> str:
         "largest upstream loss in the stage (the stability gap), at the step shown. Replay tokens = English tokens "
         f"drawn in the stage (of {base['total_tokens']:,}). Worst rise = the largest upstream loss relative to the "
         f"start among the evaluations from stage step {info['hold_from']} on; a tolerance holds when it is at most "
-        "the tolerance. Auto: the controller's defaults (start 0.05, min 0, max 0.5, gain 0.05, integral 0.05, "
-        f"aim 0.5). MER: {MER_RATE:.0%} replay with `reptile: {{every: {MER['every']}, beta: {MER['beta']}}}` (the "
+        f"the tolerance. Auto: the controller's defaults ({controller_defaults()}). MER: {MER_RATE:.0%} replay with `reptile: {{every: {MER['every']}, beta: {MER['beta']}}}` (the "
         "authors' k = 500 is longer than this stage; these are not tuned).",
         "",
         "| variant | upstream final | upstream peak (step) | gap | downstream final | replay tokens | worst rise "

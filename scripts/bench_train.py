@@ -328,7 +328,7 @@ def time_batch_draws(recipe, base_dir: Path, stage_steps: list[int], accelerator
     from cpt.data.prepare import prepare
     from cpt.data.stream import DataStream
     from cpt.runner import data_dir
-    from cpt.trainer import draw_micro_batches
+    from cpt.data.batches import draw_micro_batches
 
     data = prepare(recipe, base_dir, data_dir(recipe, base_dir))
     train = recipe.train

@@ -43,8 +43,9 @@ class ReplayConfig:
     start: float = field(0.05, doc="rate auto: the rate until the held set's first evaluation after the stage's start")
     min: float = field(0.0, doc="rate auto: the lowest rate")
     max: float = field(0.5, doc="rate auto: the highest rate (what the data budget counts)")
-    gain: float = field(0.05, doc="rate auto: proportional gain, replay share per budget of excess loss")
-    integral: float = field(0.05, doc="rate auto: integral gain, replay share per budget of summed excess")
+    gain: float = field(0.1, doc="rate auto: proportional gain, replay share per budget of excess loss (0.1 and "
+                                 "integral 0.1 held a 10% budget on the demo; BENCHMARKS.md)")
+    integral: float = field(0.1, doc="rate auto: integral gain, replay share per budget of summed excess")
 
     def __post_init__(self):
         auto = self.rate == "auto"

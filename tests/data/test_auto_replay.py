@@ -12,7 +12,9 @@ from cpt.errors import RecipeError
 
 
 def auto(**kw) -> ReplayConfig:
-    raw = {"rate": "auto", "hold": {"set": "upstream", "tolerance": 0.02}, "from": ["a"]} | kw
+    # gains given here, not the defaults (tuned on the demo, they may change): the arithmetic below is by hand
+    raw = {"rate": "auto", "hold": {"set": "upstream", "tolerance": 0.02}, "from": ["a"], "gain": 0.05,
+           "integral": 0.05} | kw
     return build(ReplayConfig, raw, "replay")
 
 

@@ -57,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory")
     export.add_argument("out_dir", help="an empty or new directory")
 
+    from cpt.merging.command import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
+
     runs = sub.add_parser("runs", help="list runs and their lineage as a tree")
     runs.add_argument("dir", nargs="?", default="runs", help="directory to search (default: runs)")
 
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             from cpt.checkpoint import export_checkpoint
 
             print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir)))
+        elif args.command == "merge":
+            from cpt.merging.command import run as merge
+
+            print(merge(args))
         elif args.command == "runs":
             from pathlib import Path
 

@@ -79,6 +79,23 @@ class EvalSet:
 
 
 @torch.no_grad()
+def build_eval_sets(recipe, data) -> dict[str, EvalSet]:
+    """A run's eval sets, by name, from its recipe and prepared data: the first ``max_tokens`` of each set's split
+    in ``seq_len`` windows, the same tokens wherever they are built (the training loop, ``cpt merge --eval``)."""
+    from cpt.data.loader import eval_sequences
+
+    sets = {}
+    for name, config in recipe.eval.resolved.items():
+        shard = data.corpora[config.corpus]
+        tokens = shard.val.tokens if config.split == "val" else np.concatenate([shard.train.tokens, shard.val.tokens])
+        ratio = (shard.val.bytes_per_token if config.split == "val" else
+                 (shard.train.bytes + shard.val.bytes) / max(len(tokens), 1))
+        budget = config.max_tokens or recipe.eval.max_tokens
+        sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, recipe.train.seq_len, budget, config.corpus),
+                             ratio, config.tag)
+    return sets
+
+
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, batch_size: int, accelerator) -> dict[str, float]:
     """Loss, perplexity and bits-per-byte of ``model`` on ``eval_set``; ranks split the windows and sum."""
     was_training = model.training

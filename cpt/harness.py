@@ -97,13 +97,9 @@ def rolling_task(name: str, data_file: Path) -> dict:
 
 def write_heldout_tasks(run_dir: Path) -> Path:
     """One ``cpt_<set>`` rolling-perplexity task per eval set of the run, under ``RUN_DIR/lm_eval/tasks``."""
-    from cpt.data.prepare import prepare
-    from cpt.recipe import load_recipe
-    from cpt.runner import _read_run_info, data_dir
+    from cpt.runner import run_recipe_and_data
 
-    info = _read_run_info(run_dir)
-    recipe, _ = load_recipe(run_dir / "config.yaml", [f"run.dir={json.dumps(str(run_dir))}"])
-    data = prepare(recipe, Path(info["base_dir"]), data_dir(recipe, Path(info["base_dir"])))
+    recipe, data = run_recipe_and_data(run_dir)
     out = run_dir / "lm_eval" / "tasks"
     out.mkdir(parents=True, exist_ok=True)
     for name, config in recipe.eval.resolved.items():

@@ -266,3 +266,25 @@ def plot_comparison(runs: list[tuple[str, list[dict], dict[str, str | None]]], p
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_merge_sweep(record: dict, path: Path) -> Path:
+    """Upstream against downstream eval loss of each interpolated model (a Pareto curve), each point labelled
+    with its alpha; ``record`` is ``cpt merge --sweep``'s (``sets``, ``tags``, ``rows``)."""
+    tags = record.get("tags", {})
+    up = next((n for n in record["sets"] if tags.get(n) == "upstream"), record["sets"][0])
+    down = next((n for n in record["sets"] if tags.get(n) == "downstream"), record["sets"][-1])
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    xs, ys = [r[down] for r in record["rows"]], [r[up] for r in record["rows"]]
+    ax.plot(xs, ys, "o-", color="#1f5f9f")
+    for row, x, y in zip(record["rows"], xs, ys):
+        ax.annotate(f"{row['alpha']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"{down} loss (downstream, nats/token)")
+    ax.set_ylabel(f"{up} loss (upstream, nats/token)")
+    ax.set_title("interpolation (1 - alpha) base + alpha model")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

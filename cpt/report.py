@@ -14,6 +14,7 @@ import html
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -301,10 +302,31 @@ def write_report(run_dir: Path, out: Path | None = None, rtol: float = 0.01, ato
             "<h2>Tokens per source and stage</h2>",
             _table(("stage", "source", "tokens", "share"),
                    [(r["stage"], r["source"], fmt(r["tokens"]), f"{r['share']:.1%}") for r in data], numeric_from=2)]
+    body += _merge_sweep_section(run_dir, out)
     (out / "index.html").write_text(_page(f"{run_dir.name}: run report", body))
     text = (format_stage_table(table) + "\n\ntokens per source and stage:\n" + format_data_table(data)
             + "\n\nstability gap per stage and eval set:\n" + format_gap_table(stability["stages"]))
     return png, text
+
+
+def _merge_sweep_section(run_dir: Path, out: Path) -> list[str]:
+    """The table and plot of ``cpt merge --sweep ... --eval RUN_DIR``, when one was run."""
+    from cpt.merging.sweep import SWEEP_FILE
+
+    record_path = run_dir / "report" / f"{SWEEP_FILE}.json"
+    if not record_path.is_file():
+        return []
+    record = json.loads(record_path.read_text())
+    png = run_dir / "report" / f"{SWEEP_FILE}.png"
+    if png.is_file() and out.resolve() != png.parent.resolve():
+        shutil.copy2(png, out / png.name)
+    names = record["sets"]
+    rows = [(f"{r['alpha']:g}", *(fmt(r[n]) for n in names)) for r in record["rows"]]
+    return ["<h2>Merging: interpolation toward the base</h2>",
+            f"<p>(1 - alpha) <code>{html.escape(record['base'])}</code> + alpha "
+            f"<code>{html.escape(record['model'])}</code>, evaluated on this run's eval sets (cpt merge --sweep).</p>",
+            f'<img src="{SWEEP_FILE}.png" alt="upstream against downstream loss across alpha">',
+            _table(("alpha", *names), rows, numeric_from=0)]
 
 
 def compare_runs(run_dirs: list[Path], out: Path, rtol: float = 0.01, atol: float = 0.0,

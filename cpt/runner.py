@@ -101,6 +101,15 @@ def branch(checkpoint: str, recipe_path: str, overrides: list[str], name: str | 
                         workers=workers)
 
 
+def run_recipe_and_data(run_dir: Path):
+    """A finished or running run's recipe (its ``config.yaml``) and its prepared data (from the cache)."""
+    from cpt.data.prepare import prepare
+
+    info = _read_run_info(run_dir)
+    recipe, _ = load_recipe(run_dir / "config.yaml", [f"run.dir={json.dumps(str(run_dir))}"])
+    return recipe, prepare(recipe, Path(info["base_dir"]), data_dir(recipe, Path(info["base_dir"])))
+
+
 def _read_run_info(run_dir: Path) -> dict:
     info = rundir.read_run_info(run_dir)
     if info is None:

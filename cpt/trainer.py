@@ -21,12 +21,11 @@ from cpt import __version__, distributed, preemption
 from cpt.checkpoint import (checkpoint_dir, last_sane, list_checkpoints, load_train_state, load_weights, prune,
                             read_meta, rng_state, save_checkpoint, set_rng_state, staging_dir, verify_checkpoint,
                             weight_magnitude)
-from cpt.data.loader import eval_sequences
 from cpt.data.batches import draw_micro_batches
 from cpt.data.stream import DataStream
 from cpt.data.prepare import PreparedData
 from cpt.errors import CptError, NonFiniteLossError
-from cpt.evaluate import EvalSet, evaluate
+from cpt.evaluate import build_eval_sets, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
 from cpt.methods.stage import StageMethods, needs_start_weights
@@ -180,15 +179,7 @@ class Trainer:
                                  seq_len, self.global_batch, recipe.run.seed, recipe.data.max_epochs,
                                  recipe.data.replay_buffer_size, accelerator.num_processes)
         log_budget(self.stream.budget())
-        self.eval_sets = {}
-        for name, config in recipe.eval.resolved.items():
-            shard = data.corpora[config.corpus]
-            tokens = shard.val.tokens if config.split == "val" else np.concatenate([shard.train.tokens, shard.val.tokens])
-            ratio = (shard.val.bytes_per_token if config.split == "val" else
-                     (shard.train.bytes + shard.val.bytes) / max(len(tokens), 1))
-            budget = config.max_tokens or recipe.eval.max_tokens
-            self.eval_sets[name] = EvalSet(name, config.corpus, eval_sequences(tokens, seq_len, budget, config.corpus),
-                                           ratio, config.tag)
+        self.eval_sets = build_eval_sets(recipe, data)
         self.cross_entropy = cross_entropy_for(recipe.train)
         self.eval_seconds = 0.0
         self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those

@@ -193,3 +193,37 @@ def test_sweep_evaluates_on_the_run_s_own_windows_and_reports(run, tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     html = (run / "report" / "index.html").read_text()
     assert "Merging: interpolation toward the base" in html and "merge-sweep.png" in html
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_agrees_with_mergekit(method, tmp_path):
+    """cpt's arithmetic against mergekit's (the reference implementation the issue names) on the same tiny models:
+    linear at alpha 0.3 (mergekit: weights 0.7 / 0.3) and TIES at density 0.3 with weights 0.6 / 0.4. Both compute in
+    float32 in a different order, hence the tolerance."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    base, a, b = llama(tmp_path, "base", 0), llama(tmp_path, "a", 1), llama(tmp_path, "b", 2)
+    if method == "linear":
+        config = {"merge_method": "linear", "dtype": "float32",
+                  "models": [{"model": str(base), "parameters": {"weight": 0.7}},
+                             {"model": str(a), "parameters": {"weight": 0.3}}]}
+        args = ["linear", "--base", str(base), "--model", str(a), "--alpha", "0.3"]
+    else:
+        config = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+                  "models": [{"model": str(a), "parameters": {"weight": 0.6, "density": 0.3}},
+                             {"model": str(b), "parameters": {"weight": 0.4, "density": 0.3}}]}
+        args = ["ties", str(a), str(b), "--base", str(base), "--weights", "0.6,0.4", "--density", "0.3"]
+    theirs_dir, ours_dir = tmp_path / "mergekit", tmp_path / "cpt"
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config))), str(theirs_dir),
+              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    result = cpt("merge", *args, "--out", str(ours_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = {}
+    for path in theirs_dir.glob("*.safetensors"):
+        theirs.update(load_file(path))
+    ours = weights(ours_dir)
+    assert set(theirs) == set(ours)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6, msg=k)

@@ -108,8 +108,10 @@ def task_arithmetic(target: State, a: State, b: State, lam: float = 1.0,
 
 def ties(base: State, models: list[State], weights: list[float], density: float = 0.2) -> State:
     """TIES-merging (Yadav et al. 2023): per model, keep the ``density`` share of its task vector ``theta - base``
-    with the largest magnitudes (per tensor); elect each entry's sign by the summed weighted vectors; average the
-    kept entries that agree with it (a disjoint mean), and add the result to ``base``."""
+    with the largest magnitudes (per tensor, at least one entry); weight the kept vectors; elect each entry's sign
+    by their sum (0 counts as +); average the weighted entries that agree with it over their weights (the disjoint
+    mean), and add the result to ``base``. mergekit's ``ties`` (normalize on, lambda 1) computes the same
+    (``tests/test_merge.py`` compares the two)."""
     _check_task_inputs(base, models, weights, density, "density")
     out = {}
     for key, tensor in base.items():
@@ -117,12 +119,13 @@ def ties(base: State, models: list[State], weights: list[float], density: float 
             out[key] = tensor.clone()
             continue
         start = tensor.to(torch.float32)
-        deltas = torch.stack([w * _trim(m[key].to(torch.float32) - start, density) for m, w in zip(models, weights)])
-        sign = torch.sign(deltas.sum(dim=0))
-        agree = (torch.sign(deltas) == sign) & (deltas != 0)
-        kept = torch.where(agree, deltas, torch.zeros_like(deltas)).sum(dim=0)
-        count = agree.sum(dim=0).clamp(min=1)
-        out[key] = (start + kept / count).to(tensor.dtype)
+        w = torch.tensor(weights, dtype=torch.float32, device=start.device).view(-1, *([1] * start.dim()))
+        deltas = torch.stack([_trim(m[key].to(torch.float32) - start, density) for m in models]) * w
+        elected = (deltas.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
+        agree = (deltas.sign() == elected).to(torch.float32)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        out[key] = (start + (deltas * agree).sum(dim=0) / divisor).to(tensor.dtype)
     return out
 
 
@@ -148,12 +151,13 @@ def dare(base: State, models: list[State], weights: list[float], drop: float = 0
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """``delta`` with all but its ``density`` share of largest-magnitude entries set to zero."""
-    k = max(1, int(round(density * delta.numel())))
-    if k >= delta.numel():
+    """``delta`` with all but its ``k = max(1, int(density * n))`` largest-magnitude entries set to zero."""
+    k = max(1, int(density * delta.numel()))
+    if density >= 1 or k >= delta.numel():
         return delta
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+    keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    keep[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True
+    return torch.where(keep.view_as(delta), delta, torch.zeros_like(delta))
 
 
 def _check_task_inputs(base: State, models: list[State], weights: list[float], share: float, name: str,

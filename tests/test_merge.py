@@ -238,6 +238,27 @@ def test_sharded_and_tied_inputs(tmp_path, capsys):
     assert net.lm_head.weight is net.model.embed_tokens.weight
 
 
+def test_a_tied_head_is_filled_in_for_evaluation():
+    """The sweep loads each merge into the run's model: a tied model's one embedding fills both names, whether or
+    not its config said it is tied; an untied model's state is left as it is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.merging.sweep import _with_tied_head
+
+    def net(tied):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+
+    tied = net(True)
+    state = {k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}
+    filled = _with_tied_head(tied, state)
+    assert filled["lm_head.weight"] is state["model.embed_tokens.weight"]
+    tied.load_state_dict(filled)
+    untied = net(False)
+    state = untied.state_dict()
+    assert _with_tied_head(untied, state) is state
+
+
 def test_sweep_evaluates_on_the_run_s_own_windows_and_reports(run, tmp_path):
     base, model = ckpt(run, "pretrain", 8), ckpt(run, "cpt", 20)
     result = cpt("merge", "linear", "--base", str(base), "--model", str(model), "--sweep", "alpha=0,0.5,1",

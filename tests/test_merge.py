@@ -87,7 +87,8 @@ def test_average_of_a_stage_s_last_checkpoints(run, tmp_path):
     merged = weights(out)
     for k in merged:
         torch.testing.assert_close(merged[k], (parts[0][k] + parts[1][k] + parts[2][k]) / 3, rtol=0, atol=1e-6)
-    assert len(json.loads((out / "merge.json").read_text())["inputs"]) == 3
+    record = json.loads((out / "merge.json").read_text())
+    assert len(record["inputs"]) == 3 and record["params"] == {"weights": [1 / 3] * 3}
 
 
 def test_chat_vector_by_hand_and_a_grown_vocabulary(tmp_path):
@@ -150,6 +151,7 @@ def test_ties_and_dare_from_the_command_line(tmp_path):
 def test_bad_input_is_one_line_and_overwrites_nothing(run, tmp_path, capsys):
     small, wide, deep = llama(tmp_path, "small", 0), llama(tmp_path, "wide", 1, hidden=32), \
         llama(tmp_path, "deep", 2, layers=3)
+    grown = llama(tmp_path, "grown", 3, vocab=40)
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -184,13 +186,16 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tmp_path, capsys):
         (["average", small, cut, "--out", tmp_path / "o9"], "cut/model.safetensors is not a readable safetensors"),
         (["average", small, bad_config, "--out", tmp_path / "o10"], "bad-config/config.json is not valid JSON"),
         (["average", small, small, "--out", tmp_path / "a-file" / "o11"], "a-file is a file"),
+        (["linear", "--base", small, "--model", grown, "--alpha", "0.5", "--out", tmp_path / "o12"],
+         "different vocabularies (vocab_size 32 vs 40)"),
+        (["ties", grown, "--base", small, "--out", tmp_path / "o13"], "different vocabularies"),
     ]
     for args, message in cases:
         rc, err = merge_in_process(capsys, *args)
         assert rc == 2, (args, err[-2000:])
         assert message in err and err.count("\n") == 1, (args, err)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text() == "mine"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 11))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 14))
     assert not list(tmp_path.glob(".o*"))  # no temporary directory left behind
 
 

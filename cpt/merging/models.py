@@ -101,14 +101,23 @@ def _weights_digest(digests: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def check_same_architecture(inputs: list[MergeInput]) -> None:
-    """Refuse inputs of different model types or layer structure (shapes are checked tensor by tensor later)."""
+def check_same_architecture(inputs: list[MergeInput], vocabulary: bool = True) -> None:
+    """Refuse inputs of different model types or layer structure (shapes are checked tensor by tensor later).
+
+    Args:
+        vocabulary: also refuse different vocabulary sizes, with a message that says so (a chat vector has its own
+            policy for a grown vocabulary and passes False).
+    """
     first = inputs[0]
     for other in inputs[1:]:
         for key in ("model_type", "architectures", "num_hidden_layers", "tie_word_embeddings"):
             if first.config.get(key) != other.config.get(key):
                 raise CptError(f"{first.path} and {other.path} differ in {key} ({first.config.get(key)} vs "
                                f"{other.config.get(key)}); merge models of one architecture")
+        if vocabulary and first.config.get("vocab_size") != other.config.get("vocab_size"):
+            raise CptError(f"{first.path} and {other.path} have different vocabularies (vocab_size "
+                           f"{first.config.get('vocab_size')} vs {other.config.get('vocab_size')}); this merge needs "
+                           "one tokenizer (only chat-vector/task-arithmetic has a policy for a grown one: --vocab target)")
 
 
 def refuse_existing(out: Path) -> None:

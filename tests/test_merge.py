@@ -4,12 +4,14 @@ everything as it was, and the interpolation sweep evaluated on a run's own eval 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import read_rows as rows_of, run_cpt as cpt, tiny_recipe, write_recipe
 from cpt.checkpoint import sha256_file
@@ -36,16 +38,25 @@ def weights(path):
     return load_file(path / "model.safetensors")
 
 
-def llama(tmp_path, name, seed, vocab=32, hidden=16, layers=2):
-    """A tiny untied Llama saved as a plain HF directory."""
+def llama(tmp_path, name, seed, vocab=32, hidden=16, layers=2, tied=False, **save):
+    """A tiny Llama (untied unless ``tied``) saved as a plain HF directory (``save``: save_pretrained's options)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
     path = tmp_path / name
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path, **save)
     return path
+
+
+def merge_in_process(capsys, *args):
+    """``cpt merge ARGS`` in this process (no interpreter start-up): the exit code and what went to stderr."""
+    from cpt.cli import main
+
+    capsys.readouterr()
+    rc = main(["merge", *map(str, args)])
+    return rc, capsys.readouterr().err
 
 
 def test_linear_merge_by_hand_and_the_output_directory(run, tmp_path):
@@ -76,7 +87,8 @@ def test_average_of_a_stage_s_last_checkpoints(run, tmp_path):
     merged = weights(out)
     for k in merged:
         torch.testing.assert_close(merged[k], (parts[0][k] + parts[1][k] + parts[2][k]) / 3, rtol=0, atol=1e-6)
-    assert len(json.loads((out / "merge.json").read_text())["inputs"]) == 3
+    record = json.loads((out / "merge.json").read_text())
+    assert len(record["inputs"]) == 3 and record["params"] == {"weights": [1 / 3] * 3}
 
 
 def test_chat_vector_by_hand_and_a_grown_vocabulary(tmp_path):
@@ -136,9 +148,10 @@ def test_ties_and_dare_from_the_command_line(tmp_path):
         assert not torch.equal(weights(out)["lm_head.weight"], weights(base)["lm_head.weight"])
 
 
-def test_bad_input_is_one_line_and_overwrites_nothing(run, tmp_path):
+def test_bad_input_is_one_line_and_overwrites_nothing(run, tmp_path, capsys):
     small, wide, deep = llama(tmp_path, "small", 0), llama(tmp_path, "wide", 1, hidden=32), \
         llama(tmp_path, "deep", 2, layers=3)
+    grown = llama(tmp_path, "grown", 3, vocab=40)
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -146,30 +159,109 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tmp_path):
     shutil.copytree(ckpt(run, "cpt", 20), broken)
     with open(broken / "model.safetensors", "r+b") as f:
         f.truncate(100)
+    # plain HF directories have no recorded hashes: a cut-short weights file and an unreadable config
+    cut, bad_config = tmp_path / "cut", tmp_path / "bad-config"
+    shutil.copytree(small, cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate((cut / "model.safetensors").stat().st_size - 100)
+    shutil.copytree(small, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    (tmp_path / "a-file").write_text("x")
     good = str(ckpt(run, "cpt", 20))
     cases = [
-        (["linear", "--base", str(small), "--model", str(wide), "--alpha", "0.5", "--out", str(tmp_path / "o1")],
+        (["linear", "--base", small, "--model", wide, "--alpha", "0.5", "--out", tmp_path / "o1"],
          "different shapes"),
-        (["linear", "--base", str(small), "--model", str(deep), "--alpha", "0.5", "--out", str(tmp_path / "o2")],
+        (["linear", "--base", small, "--model", deep, "--alpha", "0.5", "--out", tmp_path / "o2"],
          "differ in num_hidden_layers"),
-        (["linear", "--base", good, "--model", good, "--alpha", "1.5", "--out", str(tmp_path / "o3")],
+        (["linear", "--base", good, "--model", good, "--alpha", "1.5", "--out", tmp_path / "o3"],
          "--alpha must be in [0, 1]"),
-        (["linear", "--base", good, "--model", good, "--sweep", "alpha=0,2", "--out", str(tmp_path / "o4")],
+        (["linear", "--base", good, "--model", good, "--sweep", "alpha=0,2", "--out", tmp_path / "o4"],
          "every alpha must be in [0, 1]"),
-        (["linear", "--base", good, "--model", good, "--alpha", "0.5", "--out", str(existing)], "exists"),
-        (["average", good, "--out", str(tmp_path / "o5")], "at least 2 models"),
-        (["average", good, str(tmp_path / "missing"), "--out", str(tmp_path / "o6")], "does not exist"),
-        (["average", good, str(broken), "--out", str(tmp_path / "o7")], "broken checkpoint"),
+        (["linear", "--base", good, "--model", good, "--alpha", "0.5", "--out", existing], "exists"),
+        (["average", good, "--out", tmp_path / "o5"], "at least 2 models"),
+        (["average", good, tmp_path / "missing", "--out", tmp_path / "o6"], "does not exist"),
+        (["average", good, broken, "--out", tmp_path / "o7"], "broken checkpoint"),
         (["chat-vector", "--target", good, "--add", good, "--subtract", good, "--lambda", "nan", "--out",
-          str(tmp_path / "o8")], "lambda must be a finite number"),
+          tmp_path / "o8"], "lambda must be a finite number"),
+        (["average", small, cut, "--out", tmp_path / "o9"], "cut/model.safetensors is not a readable safetensors"),
+        (["average", small, bad_config, "--out", tmp_path / "o10"], "bad-config/config.json is not valid JSON"),
+        (["average", small, small, "--out", tmp_path / "a-file" / "o11"], "a-file is a file"),
+        (["linear", "--base", small, "--model", grown, "--alpha", "0.5", "--out", tmp_path / "o12"],
+         "different vocabularies (vocab_size 32 vs 40)"),
+        (["ties", grown, "--base", small, "--out", tmp_path / "o13"], "different vocabularies"),
     ]
     for args, message in cases:
-        result = cpt("merge", *args)
-        assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert message in result.stderr and result.stderr.count("\n") == 1, (args, result.stderr)
+        rc, err = merge_in_process(capsys, *args)
+        assert rc == 2, (args, err[-2000:])
+        assert message in err and err.count("\n") == 1, (args, err)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text() == "mine"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 14))
     assert not list(tmp_path.glob(".o*"))  # no temporary directory left behind
+
+
+def test_sharded_and_tied_inputs(tmp_path, capsys):
+    """Sharded weights merge like single files and each input's sha256 covers its shards (the index alone is the
+    same for any two models of one architecture); a tied model saved with and without ``lm_head.weight`` merges
+    as the one embedding it is; the output directory gets the umask's mode, not mkdtemp's 0700."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = llama(tmp_path, "a", 0, max_shard_size="10KB"), llama(tmp_path, "b", 1, max_shard_size="10KB")
+    assert len(list(a.glob("model-*.safetensors"))) > 1
+    out = tmp_path / "sharded"
+    rc, err = merge_in_process(capsys, "linear", "--base", a, "--model", b, "--alpha", "0.25", "--out", out)
+    assert rc == 0, err
+    parts = [{k: v for f in sorted(p.glob("model-*.safetensors")) for k, v in load_file(f).items()} for p in (a, b)]
+    merged = weights(out)
+    assert set(merged) == set(parts[0])
+    for k in merged:
+        torch.testing.assert_close(merged[k], 0.75 * parts[0][k] + 0.25 * parts[1][k], rtol=0, atol=1e-6)
+    inputs = json.loads((out / "merge.json").read_text())["inputs"]
+    for entry, path in zip(inputs, (a, b)):
+        shards = {f.name: sha256_file(f) for f in sorted(path.glob("model-*.safetensors"))}
+        assert entry["shards"] == shards
+        lines = "".join(f"{name} {digest}\n" for name, digest in sorted(shards.items()))
+        assert entry["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert inputs[0]["sha256"] != inputs[1]["sha256"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+    plain, with_head = llama(tmp_path, "tied", 2, tied=True), llama(tmp_path, "tied-head", 3, tied=True)
+    extra = weights(with_head)
+    assert "lm_head.weight" not in extra  # transformers leaves it out; other writers keep it:
+    save_file({**extra, "lm_head.weight": extra["model.embed_tokens.weight"].clone()},
+              str(with_head / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "tied-out"
+    rc, err = merge_in_process(capsys, "average", plain, with_head, "--out", out)
+    assert rc == 0, err
+    merged, first = weights(out), weights(plain)
+    assert "lm_head.weight" not in merged
+    torch.testing.assert_close(merged["model.embed_tokens.weight"],
+                               (first["model.embed_tokens.weight"] + extra["model.embed_tokens.weight"]) / 2,
+                               rtol=0, atol=1e-6)
+    net = AutoModelForCausalLM.from_pretrained(out)
+    assert net.lm_head.weight is net.model.embed_tokens.weight
+
+
+def test_a_tied_head_is_filled_in_for_evaluation():
+    """The sweep loads each merge into the run's model: a tied model's one embedding fills both names, whether or
+    not its config said it is tied; an untied model's state is left as it is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.merging.sweep import _with_tied_head
+
+    def net(tied):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+
+    tied = net(True)
+    state = {k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}
+    filled = _with_tied_head(tied, state)
+    assert filled["lm_head.weight"] is state["model.embed_tokens.weight"]
+    tied.load_state_dict(filled)
+    untied = net(False)
+    state = untied.state_dict()
+    assert _with_tied_head(untied, state) is state
 
 
 def test_sweep_evaluates_on_the_run_s_own_windows_and_reports(run, tmp_path):

@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> str:
         inputs = [read_input(p) for p in _average_inputs(args)]
         check_same_architecture(inputs)
         state = arithmetic.weighted_average([i.state for i in inputs], [1 / len(inputs)] * len(inputs))
-        record = lineage("average", {"inputs": inputs})
+        record = lineage("average", {"inputs": inputs}, weights=[1 / len(inputs)] * len(inputs))
         like = inputs[-1]
     elif args.method in ("chat-vector", "task-arithmetic"):
         target, add, subtract = read_input(args.target), read_input(args.add), read_input(args.subtract)
-        check_same_architecture([target, add, subtract])
+        check_same_architecture([target, add, subtract], vocabulary=False)
         state = arithmetic.task_arithmetic(target.state, add.state, subtract.state, args.lam, args.vocab)
         record = lineage(args.method, {"target": target, "add": add, "subtract": subtract}, **{"lambda": args.lam},
                          vocab=args.vocab)

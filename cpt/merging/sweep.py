@@ -48,14 +48,25 @@ def sweep(base: MergeInput, model: MergeInput, alphas: list[float], run_dir: Pat
             write_output(out / f"alpha-{alpha:g}", state, model,
                          lineage("linear", {"base": base, "model": model}, alpha=alpha))
         if evaluator is not None:
-            if model.tied:  # the output embedding is the input one
-                state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-            net.load_state_dict(state)
+            net.load_state_dict(_with_tied_head(net, state))
             row.update(evaluator(net))
         rows.append(row)
     if evaluator is not None:
         evaluator.write(rows, base, model)
     return rows
+
+
+def _with_tied_head(net, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every name of ``net``'s shared input/output embedding filled in: tied models save the tensor
+    once (under either name), and an older config.json may not say that they are tied."""
+    head, embed = net.get_output_embeddings(), net.get_input_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return state
+    shared = [n for n, p in net.named_parameters(remove_duplicate=False) if p is embed.weight]
+    present = [n for n in shared if n in state]
+    if not present:
+        return state  # load_state_dict names what is missing
+    return {**{n: state[present[0]] for n in shared}, **state}
 
 
 class _Evaluator:

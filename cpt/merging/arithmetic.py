@@ -14,7 +14,7 @@ Every function checks that its inputs hold the same tensors with the same shapes
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -58,16 +58,14 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     if not all(math.isfinite(w) for w in weights):
         raise CptError(f"merge weights must be finite numbers, got {weights}")
     check_compatible(states)
-    out = {}
-    for key, tensor in states[0].items():
-        if not tensor.is_floating_point():
-            out[key] = tensor.clone()
-            continue
-        total = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+
+    def average(key: str, first: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(first)
         for state, weight in zip(states, weights):
             total.add_(state[key].to(torch.float32), alpha=weight)
-        out[key] = total.to(tensor.dtype)
-    return out
+        return total
+
+    return _per_float_tensor(states[0], average)
 
 
 def task_arithmetic(target: State, a: State, b: State, lam: float = 1.0,
@@ -84,26 +82,24 @@ def task_arithmetic(target: State, a: State, b: State, lam: float = 1.0,
     check_compatible([a, b], ["the added model", "the subtracted model"])
     # rows may differ here: the vocabulary policy below decides
     check_compatible([target, a], ["the target", "the added model"], allow_rows=True)
-    out = {}
-    for key, tensor in target.items():
-        if not tensor.is_floating_point():
-            out[key] = tensor.clone()
-            continue
+
+    def add_vector(key: str, start: torch.Tensor) -> torch.Tensor:
         rows = a[key].shape[0] if a[key].dim() else None
-        if rows is not None and tensor.shape[0] < rows:
-            raise CptError(f"{key} has {tensor.shape[0]} rows in the target but {rows} in the added model: the "
+        if rows is not None and start.shape[0] < rows:
+            raise CptError(f"{key} has {start.shape[0]} rows in the target but {rows} in the added model: the "
                            "target's vocabulary is smaller; merge into a model with at least its vocabulary")
-        if rows is not None and tensor.shape[0] > rows and vocab != "target":
-            raise CptError(f"{key} has {tensor.shape[0]} rows in the target but {rows} in the added and subtracted "
+        if rows is not None and start.shape[0] > rows and vocab != "target":
+            raise CptError(f"{key} has {start.shape[0]} rows in the target but {rows} in the added and subtracted "
                            "models (a grown vocabulary); pass --vocab target to add the vector to the shared rows only")
-        merged = tensor.to(torch.float32).clone()
+        merged = start.clone()
         delta = a[key].to(torch.float32) - b[key].to(torch.float32)
         if rows is None:
             merged += lam * delta
         else:
             merged[:rows] += lam * delta
-        out[key] = merged.to(tensor.dtype)
-    return out
+        return merged
+
+    return _per_float_tensor(target, add_vector)
 
 
 def ties(base: State, models: list[State], weights: list[float], density: float = 0.2) -> State:
@@ -113,20 +109,17 @@ def ties(base: State, models: list[State], weights: list[float], density: float 
     mean), and add the result to ``base``. mergekit's ``ties`` (normalize on, lambda 1) computes the same
     (``tests/test_merge.py`` compares the two)."""
     _check_task_inputs(base, models, weights, density, "density")
-    out = {}
-    for key, tensor in base.items():
-        if not tensor.is_floating_point():
-            out[key] = tensor.clone()
-            continue
-        start = tensor.to(torch.float32)
+
+    def elect(key: str, start: torch.Tensor) -> torch.Tensor:
         w = torch.tensor(weights, dtype=torch.float32, device=start.device).view(-1, *([1] * start.dim()))
         deltas = torch.stack([_trim(m[key].to(torch.float32) - start, density) for m in models]) * w
         elected = (deltas.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
         agree = (deltas.sign() == elected).to(torch.float32)
         divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
-        out[key] = (start + (deltas * agree).sum(dim=0) / divisor).to(tensor.dtype)
-    return out
+        return start + (deltas * agree).sum(dim=0) / divisor
+
+    return _per_float_tensor(base, elect)
 
 
 def dare(base: State, models: list[State], weights: list[float], drop: float = 0.9, seed: int = 0) -> State:
@@ -135,19 +128,23 @@ def dare(base: State, models: list[State], weights: list[float], drop: float = 0
     to ``base``."""
     _check_task_inputs(base, models, weights, drop, "drop", upper_open=True)
     generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, tensor in base.items():
-        if not tensor.is_floating_point():
-            out[key] = tensor.clone()
-            continue
-        start = tensor.to(torch.float32)
+
+    def drop_and_add(key: str, start: torch.Tensor) -> torch.Tensor:
         total = start.clone()
         for model, weight in zip(models, weights):
-            keep = torch.rand(tensor.shape, generator=generator) >= drop
+            keep = torch.rand(start.shape, generator=generator) >= drop
             delta = (model[key].to(torch.float32) - start) * keep.to(start.device) / (1 - drop)
             total += weight * delta
-        out[key] = total.to(tensor.dtype)
-    return out
+        return total
+
+    return _per_float_tensor(base, drop_and_add)
+
+
+def _per_float_tensor(reference: State, merge: Callable[[str, torch.Tensor], torch.Tensor]) -> State:
+    """``merge(key, tensor in float32)`` for each floating-point tensor of ``reference``, in its order, cast back to
+    its dtype; other tensors (integer buffers) are copied from ``reference``."""
+    return {key: merge(key, tensor.to(torch.float32)).to(tensor.dtype) if tensor.is_floating_point() else tensor.clone()
+            for key, tensor in reference.items()}
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cpt.config import build, check, field
-from cpt.model import token_loss_sum
+from cpt.model import fp32_output_head, token_loss_sum
 
 
 @dataclass
@@ -97,7 +97,8 @@ def build_eval_sets(recipe, data) -> dict[str, EvalSet]:
 
 
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, batch_size: int, accelerator) -> dict[str, float]:
-    """Loss, perplexity and bits-per-byte of ``model`` on ``eval_set``; ranks split the windows and sum."""
+    """Loss, perplexity and bits-per-byte of ``model`` on ``eval_set``; ranks split the windows and sum. The body
+    runs under the run's autocast, the output head in fp32 (``fp32_output_head``)."""
     was_training = model.training
     model.eval()
     world = accelerator.num_processes
@@ -110,7 +111,7 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, batch_size: int, acceler
     for start in range(0, shares, batch_size):
         part = rows[start:start + batch_size]
         batch = torch.from_numpy(part if len(part) else eval_set.sequences[:1]).to(accelerator.device)
-        with accelerator.autocast():
+        with accelerator.autocast(), fp32_output_head(accelerator.unwrap_model(model)):
             loss = token_loss_sum(model, batch[:, :-1], batch[:, 1:]).double()
         if len(part):
             loss_sum += loss

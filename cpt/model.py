@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -176,6 +178,30 @@ def cross_entropy_for(train):
 def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of ``model`` over every target token (no KV cache: nothing generates)."""
     return cross_entropy_sum(model(input_ids=input_ids_BT, use_cache=False).logits, labels_BT)
+
+
+@contextmanager
+def fp32_output_head(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the output head (``get_output_embeddings()``, a Linear) computes its logits in fp32 with
+    autocast off, from the fp32 hidden state that reaches it: under bf16 autocast the logits would otherwise be
+    rounded to bf16 (8 bits of mantissa), which biases a model's evaluated loss upward (SmolLM2-135M:
+    docs/results.md measures it). A head that is not a Linear (a wrapped one, none) is left as it is."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if not isinstance(head, torch.nn.Linear) or "forward" in vars(head):
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def apply_speed_options(model: torch.nn.Module, train) -> None:

@@ -43,3 +43,43 @@ def test_run_logs_tags_budgets_and_eval_cost(tiny_corpora, tmp_path):
     ends = [r for r in rows if r["kind"] == "stage" and r["event"] == "end"]
     assert all(0 < r["eval_seconds"] < r["seconds"] for r in ends)
     assert "% of it evaluating" in result.stderr
+
+
+def _tiny_llama(tie: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, tie_word_embeddings=tie)).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fp32_output_head_under_bf16_autocast(tie):
+    """Under bf16 autocast the logits come out in bf16; inside fp32_output_head they are the fp32 product of the
+    (autocast) hidden state and the fp32 head weight, exactly, and the head is restored afterwards."""
+    import torch
+    import torch.nn.functional as F
+
+    from cpt.model import fp32_output_head
+
+    model = _tiny_llama(tie)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        with fp32_output_head(model):
+            fixed = model(input_ids=ids, use_cache=False).logits
+        after = model(input_ids=ids, use_cache=False).logits
+    head = model.get_output_embeddings()
+    assert plain.logits.dtype == torch.bfloat16 and after.dtype == torch.bfloat16
+    assert fixed.dtype == torch.float32
+    hidden = plain.hidden_states[-1]
+    assert torch.equal(fixed, F.linear(hidden.float(), head.weight.float()))
+    # the bf16 logits are that product from bf16-rounded operands, rounded again: close, never equal
+    assert not torch.equal(fixed, plain.logits.float())
+    assert torch.allclose(plain.logits.float(), fixed, rtol=2 ** -7, atol=1e-2)
+    assert "forward" not in vars(head)
+    with torch.no_grad():  # without autocast it changes nothing: the fp32 model's own logits
+        own = model(input_ids=ids, use_cache=False).logits
+        with fp32_output_head(model):
+            assert torch.equal(model(input_ids=ids, use_cache=False).logits, own)

@@ -211,7 +211,8 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
     from cpt.kernels import resolve_loss
 
     step, device, precision, optimizer = cpt_steps(config, precision, steps + warmup, variant, distributed)
-    loss_kind = resolve_loss(variant_options(variant)["loss"], device, (distributed or DistributedConfig()).shards_weights)
+    shards_weights = (distributed or DistributedConfig()).shards_weights
+    loss_kind = resolve_loss(variant_options(variant)["loss"], device, shards_weights)
     times, last = [], time.perf_counter()
     for i in range(steps + warmup):
         metrics = step(i)

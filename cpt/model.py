@@ -44,6 +44,9 @@ class ModelConfig:
     init: str = field("scratch", doc="'scratch' to build from `arch`, or a local Hugging Face model directory")
     arch: Optional[ArchConfig] = field(None, doc="architecture, required when init is 'scratch'")
     resize_embeddings: bool = field(False, doc="resize the model's embeddings to the tokenizer's vocabulary")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = field(
+        "auto", doc="attention kernel: auto = flash_attention_2 where the flash_attn package and a CUDA device are "
+                    "present, else sdpa; one that cannot run here falls back to sdpa with a log line")
 
     def __post_init__(self):
         check(self.init != "scratch" or self.arch is not None, "arch", "required when model.init is 'scratch'")
@@ -59,7 +62,11 @@ def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) ->
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from cpt.kernels import resolve_attention
+
     vocab = len(tokenizer)
+    attention = resolve_attention(config.attn_implementation)
+    log.info("attention: %s", attention)
     if config.init == "scratch":
         arch = config.arch
         intermediate = arch.intermediate or -(-int(arch.hidden * 8 / 3) // 64) * 64
@@ -68,7 +75,7 @@ def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) ->
             num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
             num_key_value_heads=arch.kv_heads or arch.heads, max_position_embeddings=seq_len,
             tie_word_embeddings=arch.tie_embeddings, rope_theta=arch.rope_theta,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation=attention,
         )
         return LlamaForCausalLM(hf_config)
     path = Path(config.init).expanduser()
@@ -77,7 +84,8 @@ def build_model(config: ModelConfig, tokenizer, seq_len: int, base_dir: Path) ->
         raise CptError(f"model.init '{config.init}' is not a local Hugging Face model directory (no config.json "
                        f"in {path}); use 'scratch' or a directory written by save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=attention)
     except (OSError, ValueError) as e:
         raise CptError(f"could not load model from '{path}': {str(e).splitlines()[0]}") from None
     rows = model.get_input_embeddings().weight.shape[0]
@@ -168,11 +176,19 @@ def _cross_entropy_sum_whole(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) 
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), reduction="sum")
 
 
-def cross_entropy_for(train):
-    """The training loss function: ``cross_entropy_sum``; under ``train.compile`` the whole-tensor form, compiled,
-    so that the fp32 upcast of the logits fuses into the softmax reduction (the HF models compute their loss
-    inside the compiled forward for the same reason; compiled it is as fast as the chunked loss eager)."""
-    return torch.compile(_cross_entropy_sum_whole, dynamic=False) if train.compile else cross_entropy_sum
+def cross_entropy_for(train, device: torch.device | None = None, shards_weights: bool = False):
+    """The training loss for ``train.loss`` (``cpt.kernels``): ``loss(model, inputs_BT, labels_BT, need_logits)
+    -> (summed cross-entropy, logits or None)``. The chunked kind applies ``cross_entropy_sum`` to the logits;
+    under ``train.compile`` the whole-tensor form, compiled, so that the fp32 upcast of the logits fuses into
+    the softmax reduction (the HF models compute their loss inside the compiled forward for the same reason;
+    compiled it is as fast as the chunked loss eager). ``fused_linear`` where it can run on ``device``."""
+    from cpt.kernels import FusedLinearLoss, LogitsLoss, resolve_loss
+
+    chunked = LogitsLoss(torch.compile(_cross_entropy_sum_whole, dynamic=False) if train.compile else cross_entropy_sum)
+    loss = FusedLinearLoss(chunked) if resolve_loss(train.loss, device or torch.device("cpu"),
+                                                    shards_weights) == "fused_linear" else chunked
+    log.info("loss: %s%s", loss.name, " (compiled)" if train.compile and loss is chunked else "")
+    return loss
 
 
 def token_loss_sum(model: torch.nn.Module, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,10 @@ class TrainConfig:
                    "much less activation memory for about a third more compute")
     compile: bool = field(False, doc="torch.compile the model (inductor; ddp engine): the first steps of each stage "
                                      "compile, later ones run the fused kernels")
+    loss: Literal["auto", "chunked", "fused_linear"] = field(
+        "auto", doc="token loss: chunked = fp32 cross-entropy of the logits a chunk of rows at a time; fused_linear = "
+                    "Liger's fused LM-head + cross-entropy, no logits kept (CUDA, liger_kernel, not under ZeRO-3 or "
+                    "FSDP); auto = fused_linear where it can run, else chunked, as fused_linear falls back")
 
     def __post_init__(self):
         for key in ("seq_len", "micro_batch", "grad_accum", "log_every"):

@@ -25,6 +25,7 @@ from cpt.data.batches import draw_micro_batches
 from cpt.data.stream import DataStream
 from cpt.data.prepare import PreparedData
 from cpt.errors import CptError, NonFiniteLossError
+from cpt.kernels import LogitsLoss
 from cpt.evaluate import build_eval_sets, evaluate
 from cpt.metrics import MetricsLogger
 from cpt.methods.distill import distill_loss_sum, distill_mask, teacher_forward
@@ -52,7 +53,7 @@ class TrainState:
 
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator, grad_clip: float,
                methods: StageMethods | None = None, replay_rows: list[torch.Tensor] | None = None,
-               cross_entropy=cross_entropy_sum) -> dict[str, float]:
+               cross_entropy=LogitsLoss(cross_entropy_sum)) -> dict[str, float]:
     """One optimizer step over accumulated micro-batches of packed ``[B, T+1]`` token windows.
 
     The cross-entropy is normalised by the number of target tokens in the whole step, so accumulation does
@@ -65,7 +66,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
     Under FSDP the loop is the DDP one: Accelerate's ``no_sync`` holds the reduce-scatter to the last
     micro-batch, and the gradient norm is taken over every rank's shards.
 
-    ``cross_entropy`` is ``cross_entropy_sum`` or, under ``train.compile``, its compiled whole-tensor form.
+    ``cross_entropy`` is the loss ``cross_entropy_for`` picks for ``train.loss`` (default: the chunked loss of the
+    logits); it returns the summed cross-entropy and, when ``need_logits``, the logits for distillation.
 
     Returns:
         ``loss`` (mean token cross-entropy across ranks), ``grad_norm`` (before clipping), and ``kl``/``l2``
@@ -86,9 +88,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], accelerator,
         with sync:
             with accelerator.autocast():
                 inputs_BT, labels_BT = batch[:, :-1], batch[:, 1:]
-                # use_cache=False: a training forward has no use for the KV cache HF builds by default.
-                logits_BTV = model(input_ids=inputs_BT, use_cache=False).logits
-                ce_sum = cross_entropy(logits_BTV, labels_BT)
+                ce_sum, logits_BTV = cross_entropy(model, inputs_BT, labels_BT, need_logits=distill is not None)
                 objective = ce_sum / step_tokens
                 if distill is not None:
                     teacher_BTV = teacher_forward(methods.teacher, inputs_BT)
@@ -180,7 +180,7 @@ class Trainer:
                                  recipe.data.replay_buffer_size, accelerator.num_processes)
         log_budget(self.stream.budget())
         self.eval_sets = build_eval_sets(recipe, data)
-        self.cross_entropy = cross_entropy_for(recipe.train)
+        self.cross_entropy = cross_entropy_for(recipe.train, accelerator.device, recipe.distributed.shards_weights)
         self.eval_seconds = 0.0
         self._end_eval: dict[str, dict] | None = None  # the last stage-end results, while the weights are those
         self._stage_clock = (0.0, 0.0)  # (perf_counter, eval seconds) when the current stage began

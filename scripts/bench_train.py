@@ -100,7 +100,9 @@ def build(config: str, seed: int = 0):
 
     arch, vocab, seq_len, micro_batch, grad_accum = CONFIGS[config]
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch=ArchConfig(**arch)), BenchTokenizer(vocab), seq_len, ROOT)
+    # Built where it trains: a 1B model's random init takes seconds on a GPU, minutes on a few CPU cores.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = build_model(ModelConfig(arch=ArchConfig(**arch)), BenchTokenizer(vocab), seq_len, ROOT)
     return model, TrainConfig(seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum)
 
 
@@ -148,24 +150,48 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def cpt_steps(config: str, precision: str, count: int, variant: str = ""):
+def variant_options(variant: str) -> dict:
+    """``train.*`` settings of a variant: '+'-joined ``compile``, ``checkpointing`` and a ``train.loss`` name."""
+    parts = set(variant.split("+")) - {""}
+    unknown = parts - {"compile", "checkpointing", "chunked", "fused_linear"}
+    if unknown:
+        raise SystemExit(f"unknown variant part(s) {', '.join(sorted(unknown))}: use compile, checkpointing, "
+                         "chunked, fused_linear joined by '+'")
+    loss = next((p for p in parts if p in ("chunked", "fused_linear")), "auto")
+    return {"compile": "compile" in parts, "activation_checkpointing": "checkpointing" in parts, "loss": loss}
+
+
+def cpt_steps(config: str, precision: str, count: int, variant: str = "", distributed=None):
     """cpt's side, built as the trainer builds it: ``step(i)`` runs ``train_step`` on the i-th of ``count``
-    global batches. ``variant`` compile or checkpointing sets that ``train.*`` option (``apply_speed_options``
-    and ``cross_entropy_for``, as the trainer). Returns ``(step, device, precision, optimizer)``."""
+    global batches. ``variant`` sets ``train.*`` options (``variant_options``; ``apply_speed_options`` and
+    ``cross_entropy_for``, as the trainer). With a ``DistributedConfig`` the accelerator is the run's
+    (``make_accelerator``: DeepSpeed or FSDP) and model and optimizer are prepared together, as a stage's
+    engine is. Returns ``(step, device, precision, optimizer)``."""
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
 
+    from cpt.distributed import DistributedConfig, make_accelerator
     from cpt.model import apply_speed_options, cross_entropy_for
     from cpt.optim import build_optimizer
     from cpt.trainer import train_step
 
     device, precision = device_and_dtype(precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     model, train = build(config)
-    train.compile, train.activation_checkpointing = variant == "compile", variant == "checkpointing"
+    for key, value in variant_options(variant).items():
+        setattr(train, key, value)
+    distributed = distributed or DistributedConfig()
+    if distributed.engine == "ddp":
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    else:
+        accelerator = make_accelerator(SimpleNamespace(distributed=distributed, train=train), precision, ROOT)
     apply_speed_options(model, train)
-    cross_entropy = cross_entropy_for(train)
-    model = accelerator.prepare(model)
-    optimizer = accelerator.prepare(build_optimizer(model, train, LR))
+    cross_entropy = cross_entropy_for(train, device, distributed.shards_weights)
+    if distributed.engine == "ddp":
+        model = accelerator.prepare(model)
+        optimizer = accelerator.prepare(build_optimizer(model, train, LR))
+    else:
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, train, LR))
     data = batches(config, count)
     rows = train.micro_batch * train.grad_accum
 
@@ -175,12 +201,18 @@ def cpt_steps(config: str, precision: str, count: int, variant: str = ""):
         window = data[i * rows:(i + 1) * rows]
         micro = [m.to(device) for m in window.split(train.micro_batch)]
         return train_step(model, optimizer, micro, accelerator, train.grad_clip, cross_entropy=cross_entropy)
+    step.model = model  # for measurements beyond the step (gpu_check's evaluation and checkpoint)
     return step, device, precision, optimizer
 
 
-def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: str = "") -> dict:
+def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: str = "", distributed=None) -> dict:
     """Time ``steps`` calls of ``cpt.trainer.train_step`` after ``warmup``, as the trainer's loop makes them."""
-    step, device, precision, optimizer = cpt_steps(config, precision, steps + warmup, variant)
+    from cpt.distributed import DistributedConfig
+    from cpt.kernels import resolve_loss
+
+    step, device, precision, optimizer = cpt_steps(config, precision, steps + warmup, variant, distributed)
+    shards_weights = (distributed or DistributedConfig()).shards_weights
+    loss_kind = resolve_loss(variant_options(variant)["loss"], device, shards_weights)
     times, last = [], time.perf_counter()
     for i in range(steps + warmup):
         metrics = step(i)
@@ -190,7 +222,7 @@ def worker_cpt(config: str, precision: str, steps: int, warmup: int, variant: st
             times.append(now - last)
         last = now
     return {"times": times, "loss": metrics["loss"], "precision": precision, "device": str(device),
-            "optimizer": optimizer_setting(optimizer), **cuda_memory(device)}
+            "optimizer": optimizer_setting(optimizer), "loss_kind": loss_kind, **cuda_memory(device)}
 
 
 def optimizer_setting(optimizer) -> str:
@@ -242,7 +274,8 @@ def worker_hf(config: str, precision: str, steps: int, warmup: int, optim: str, 
             adam_epsilon=train.eps, max_grad_norm=train.grad_clip, optim=optim, bf16=precision == "bf16",
             fp16=precision == "fp16", use_cpu=device.type == "cpu", logging_steps=10, save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-            torch_compile=variant == "compile", gradient_checkpointing=variant == "checkpointing",
+            torch_compile=variant_options(variant)["compile"],
+            gradient_checkpointing=variant_options(variant)["activation_checkpointing"],
             gradient_checkpointing_kwargs={"use_reentrant": False},
             dataloader_drop_last=True, remove_unused_columns=False, seed=0, data_seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()])

@@ -195,10 +195,9 @@ def verify_checkpoint(path: Path) -> str | None:
         return "meta.json was edited after it was written (its checksum does not match)"
     if "train_state.pt" in meta["files"]:
         try:
-            state = load_train_state(path, meta, mmap=True)
+            load_train_state(path, meta, mmap=True)  # loads (memory-mapped) or names what is wrong
         except CptError as e:
             return str(e)
-        del state
     if _named_step(path, meta) != meta.get("global_step"):
         return f"meta.json says global step {meta.get('global_step')} in {path.name} (edited?)"
     return None

@@ -366,9 +366,8 @@ def embedding_params(checkpoint: Path) -> int:
     return sum(t.numel() for k, t in load_file(checkpoint / "model.safetensors").items() if "embed_tokens" in k)
 
 
-def run(work: Path, steps: int | None, names: list[str]) -> tuple[dict[str, dict], list[Method], dict]:
-    demo = demo_recipe()
-    methods = [m for m in METHODS if m.name in names]
+def pretrain_once(demo: dict, work: Path, steps: int | None) -> tuple[dict, Path]:
+    """Run the demo's English pre-training stage once under ``work``; its recipe and final checkpoint."""
     (work / "recipes").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     pretrain = pretrain_recipe(demo, work, steps)
@@ -377,7 +376,13 @@ def run(work: Path, steps: int | None, names: list[str]) -> tuple[dict[str, dict
     log(f"pre-training once: {CPT} run {path}")
     done = run_child([str(CPT), "run", str(path), "--overwrite"], work / "logs" / "pretrain.log")
     log(f"  {done['wall_s']:.0f} s")
-    parent = final_checkpoint(work / "pretrain", "pretrain")
+    return pretrain, final_checkpoint(work / "pretrain", "pretrain")
+
+
+def run(work: Path, steps: int | None, names: list[str]) -> tuple[dict[str, dict], list[Method], dict]:
+    demo = demo_recipe()
+    methods = [m for m in METHODS if m.name in names]
+    pretrain, parent = pretrain_once(demo, work, steps)
     train = demo["train"]
     step_tokens = train["micro_batch"] * train["grad_accum"] * train["seq_len"]
     results: dict[str, dict] = {}

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_methods import (CPT, code_version, demo_recipe, final_checkpoint, log, machine, pretrain_recipe,
-                           read_rows, run_child)
+from bench_methods import CPT, code_version, demo_recipe, log, machine, pretrain_once, read_rows, run_child
 from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +112,7 @@ def holds(result: dict, tolerance: float) -> bool:
 
 def run(work: Path, steps: int | None) -> tuple[dict[str, dict], dict]:
     demo = demo_recipe()
-    (work / "recipes").mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(exist_ok=True)
-    pretrain = pretrain_recipe(demo, work, steps)
-    path = work / "recipes" / "pretrain.yaml"
-    path.write_text(yaml.safe_dump(pretrain, sort_keys=False))
-    log(f"pre-training once: {CPT} run {path}")
-    run_child([str(CPT), "run", str(path), "--overwrite"], work / "logs" / "pretrain.log")
-    parent = final_checkpoint(work / "pretrain", "pretrain")
+    pretrain, parent = pretrain_once(demo, work, steps)
     hold_from = min(HOLD_FROM, steps or HOLD_FROM)
     results, info = {}, {"pretrain_steps": pretrain["stages"][0]["steps"], "hold_from": hold_from}
     for name, options in variants().items():

@@ -10,7 +10,6 @@ directory the source already reads (a loop); a file reached by two paths is read
 
 from __future__ import annotations
 
-import glob
 import fnmatch
 import hashlib
 import importlib.util

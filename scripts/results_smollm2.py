@@ -43,6 +43,7 @@ from pathlib import Path
 import benchmarks_md
 import offline_text
 import yaml
+from bench_methods import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 CPT = Path(sys.executable).parent / "cpt"
@@ -144,17 +145,6 @@ def variant_recipe(base: dict, name: str, options: dict) -> dict:
     return recipe
 
 
-def run_cpt(args: list[str], log_path: Path) -> float:
-    """Run a ``cpt`` command with its output in ``log_path``; its wall time, or exit naming the log."""
-    started = time.perf_counter()
-    with open(log_path, "w") as out:
-        code = subprocess.run([str(CPT), *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if code != 0:
-        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"cpt {args[0]} failed (exit {code}): {tail[0]} -- see {log_path}")
-    return time.perf_counter() - started
-
-
 def ensure_model(model: Path) -> None:
     if (model / "config.json").is_file():
         return
@@ -175,13 +165,13 @@ def run_all(work: Path, model: Path, steps: int | None, names: list[str], precis
     path = work / "recipes" / "base.yaml"
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     log(f"preparing the base: {CPT} prepare {path}")
-    walls = {"prepare": run_cpt(["prepare", str(path)], work / "logs" / "prepare.log")}
+    walls = {"prepare": run_child([str(CPT), "prepare", str(path)], work / "logs" / "prepare.log")["wall_s"]}
     for name in names:
         recipe = variant_recipe(base, name, variants()[name])
         path = work / "recipes" / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         log(f"{name}: {CPT} run {path}")
-        walls[name] = run_cpt(["run", str(path), "--overwrite"], work / "logs" / f"{name}.log")
+        walls[name] = run_child([str(CPT), "run", str(path), "--overwrite"], work / "logs" / f"{name}.log")["wall_s"]
         log(f"  {name}: {walls[name] / 60:.1f} min")
     (work / "walls.json").write_text(json.dumps(walls, indent=1) + "\n")
     return walls
@@ -510,6 +500,7 @@ def write_results(work: Path, names: list[str], no_write: bool) -> None:
     first = next(iter(runs))
     gaps = plots(work, list(runs), PLOTS if not no_write else work / "plots")
     tokens = corpus_tokens(work, first)
+    replay_table, replay_verdicts = replay_comparison(runs)
     corpora = json.loads((work / "corpora" / "corpora.json").read_text())
     bias = eval_bias(work, first)
     base = yaml.safe_load((work / "recipes" / "base.yaml").read_text())
@@ -573,9 +564,9 @@ def write_results(work: Path, names: list[str], no_write: bool) -> None:
         "",
         "## Replay against the paper (Ibrahim et al. 2024, §2 of REFERENCES)",
         "",
-        *replay_comparison(runs)[0],
+        *replay_table,
         "",
-        *replay_comparison(runs)[1],
+        *replay_verdicts,
         "",
         "## The stability gap (Guo et al. 2024, §4 of REFERENCES)",
         "",
@@ -622,7 +613,7 @@ def write_results(work: Path, names: list[str], no_write: bool) -> None:
               "[docs/results.md](docs/results.md)). SmolLM2-135M-Instruct, full fine-tuning on German "
               f"({stage['steps']} steps of {step_tokens:,} tokens) from Debian's German man pages and fortunes, "
               "English held out from Debian's man pages, the Python documentation and the KJV:",
-              "", *headline_table(runs, gaps), "", *replay_comparison(runs)[1], ""]
+              "", *headline_table(runs, gaps), "", *replay_verdicts, ""]
     benchmarks_md.write_section(ROOT / "README.md", README_HEADING, "\n".join(readme))
     log("wrote the README's table")
 
